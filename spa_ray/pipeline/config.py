@@ -1,0 +1,269 @@
+"""The run configuration: one documented dataclass tree.
+
+Every field says what it means and its default, as TRL's ``DPOConfig`` does. Defaults
+are the embedded task on one CPU machine; ``clusters/presets/`` holds the paper's
+Mistral-7B/UltraFeedback setup. Placement (how many actors, their resources, which
+share a device) is configuration here and never a separate code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from spa_ray.pipeline.config_tree import (
+    ConfigError,
+    apply_overrides,
+    field,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
+
+
+@dataclass
+class RunConfig:
+    name: str = field("embedded-default", help="Run name; the run directory is <root>/<name>.")
+    root: str = field("runs", help="Folder holding run directories.")
+    seed: int = field(0, help="Seed for data splits, sampling and training (the data seed).")
+    iterations: int = field(2, help="SPA iterations T after the seed stage (paper: 3).")
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", "..") or ".." in self.name:
+            raise ConfigError(f"run.name: {self.name!r} must be a plain folder name (no '/', no '..')")
+        if self.iterations < 0:
+            raise ConfigError(f"run.iterations: must be >= 0, got {self.iterations}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = field(
+        None, help="SFT model pi_init: a hub id or local folder. None builds/uses the embedded task's tiny model."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = field(False, help="Allow model repos to run their own Python code. Off unless asked.")
+    max_prompt_len: int = field(1024, help="Prompt tokens kept (truncated from the left).")
+    max_total_len: int = field(2048, help="Prompt + response tokens kept (response truncated from the right).")
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_len < 1 or self.max_total_len <= self.max_prompt_len:
+            raise ConfigError(
+                f"model.max_total_len ({self.max_total_len}) must exceed model.max_prompt_len ({self.max_prompt_len}) >= 1"
+            )
+
+
+@dataclass
+class DataConfig:
+    task: str = field(
+        "spa_ray.tasks.embedded:EmbeddedTask",
+        help="Task import path 'pkg.module:Class' (prompts, seed pairs, gold judge for evaluation).",
+    )
+    task_kwargs: dict = field(default_factory=dict, help="Keyword arguments for the task's constructor.")
+    seed_fraction: float = field(0.033, help="Fraction of the dataset's prompts whose gold pairs form the seed D0.")
+    judge_holdout_fraction: float = field(
+        0.1, help="Fraction of the seed's gold pairs kept out of training to check the judge each iteration."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.seed_fraction < 1.0:
+            raise ConfigError(f"data.seed_fraction: must be in (0, 1), got {self.seed_fraction}")
+        if not 0.0 <= self.judge_holdout_fraction < 1.0:
+            raise ConfigError(f"data.judge_holdout_fraction: must be in [0, 1), got {self.judge_holdout_fraction}")
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["transformers", "vllm"] = field(
+        "transformers", help="Generator engine: transformers generate (CPU/GPU) or vLLM (GPU, extra 'gpu')."
+    )
+    responses_per_prompt: int = field(2, help="Samples per prompt (SPA labels a pair: 2).")
+    temperature: float = field(0.7, help="Sampling temperature.")
+    top_p: float = field(1.0, help="Nucleus sampling mass.")
+    max_new_tokens: int = field(300, help="Most new tokens per response; EOS stops earlier.")
+    batch_size: int = field(64, help="Prompts per generate call (transformers backend).")
+    tensor_parallel_size: int = field(1, help="vLLM tensor parallel degree per generator actor.")
+    gpu_memory_utilization: float = field(0.85, help="vLLM's share of its GPU(s); lower it when colocating.")
+
+    def __post_init__(self) -> None:
+        if self.responses_per_prompt < 2:
+            raise ConfigError(f"generation.responses_per_prompt: must be >= 2, got {self.responses_per_prompt}")
+        if self.temperature <= 0:
+            raise ConfigError(f"generation.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"generation.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["implicit_reward"] = field("implicit_reward", help="Who labels pairs (SPA: the implicit reward).")
+    reference: Literal["init", "previous", "none"] = field(
+        "init", help="Judge reference: pi_init (paper default), the model before pi_{t-1}, or none (raw likelihood)."
+    )
+    beta: float = field(0.1, help="beta in r = beta*log(pi_{t-1}/pi_ref) (Eq. 7).")
+    length_penalty: float = field(0.0, help="a in r - a*|y| (Eq. 13); 0 disables it. Paper range 0.001-0.01.")
+    reuse_generator_logprobs: bool = field(
+        False,
+        help="Skip the judge's pi_{t-1} forward and use the generator's log-probs. Off: tempered sampling "
+        "log-probs and engine numerics differ from teacher-forced log pi.",
+    )
+    max_tokens_per_batch: int = field(8192, help="Token budget of one length-bucketed judge forward.")
+    health_floor: float = field(
+        0.55, help="Stop before an iteration if the judge's accuracy on held-out gold seed pairs is below this."
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"judge.beta: must be > 0, got {self.beta}")
+        if self.length_penalty < 0:
+            raise ConfigError(f"judge.length_penalty: must be >= 0, got {self.length_penalty}")
+        if not 0 <= self.health_floor <= 1:
+            raise ConfigError(f"judge.health_floor: must be in [0, 1], got {self.health_floor}")
+
+
+@dataclass
+class TrainingConfig:
+    beta: float = field(0.1, help="DPO temperature beta (Eq. 5).")
+    learning_rate: float = field(
+        1e-4, help="AdamW learning rate (paper, 7B: 5e-7; the embedded tiny model needs a larger one)."
+    )
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    warmup_ratio: float = field(0.1, help="Cosine schedule warm-up as a fraction of steps.")
+    global_batch_size: int = field(32, help="Pairs per optimizer step, across workers and accumulation.")
+    micro_batch_size: int = field(8, help="Pairs per worker forward; accumulation fills the global batch.")
+    seed_epochs: int = field(3, help="Epochs of DPO on the seed set D0.")
+    iteration_epochs: int = field(1, help="Epochs of refined DPO per iteration.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping norm (0 disables).")
+    self_refine: bool = field(True, help="Label smoothing on flagged pairs (Eq. 9-10). Off = data expansion only.")
+    decoupled_noise_detection: bool = field(
+        True, help="Flag noise with the extrapolated model (Eq. 11-12) instead of pi_theta itself."
+    )
+    alpha: float = field(0.1, help="Label smoothing strength on flagged pairs (Eq. 10).")
+    k_percent: float = field(10.0, help="Flag the least confident K% of pairs (Eq. 9).")
+    confidence_window: int = field(50, help="Recent confidences (all ranks) the K% threshold is taken over.")
+    denoise_warmup: float = field(0.2, help="Fraction of an iteration's steps with z = 0 while the window fills.")
+    lambda_first: float = field(0.5, help="Extrapolation lambda of iteration 1; halved each iteration.")
+    zero_stage: int = field(2, help="DeepSpeed ZeRO stage (0-3).")
+    noise_chunk_size: int = field(128, help="Sequence chunk for extrapolated log-probs (memory bound).")
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"training.beta: must be > 0, got {self.beta}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training.learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"training.alpha: must be in [0, 1], got {self.alpha}")
+        if not 0 < self.k_percent < 100:
+            raise ConfigError(f"training.k_percent: must be in (0, 100), got {self.k_percent}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"training.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.denoise_warmup < 1:
+            raise ConfigError(f"training.denoise_warmup: must be in [0, 1), got {self.denoise_warmup}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"training.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size ({self.global_batch_size}) must be >= "
+                f"training.micro_batch_size ({self.micro_batch_size}) >= 1"
+            )
+        if self.confidence_window < 1:
+            raise ConfigError(f"training.confidence_window: must be >= 1, got {self.confidence_window}")
+        if self.lambda_first < 0:
+            raise ConfigError(f"training.lambda_first: must be >= 0, got {self.lambda_first}")
+
+
+@dataclass
+class ActorGroup:
+    """How many actors of one kind and what each asks Ray for."""
+
+    count: int = field(1, help="Number of actors (trainer: Ray Train workers).")
+    num_cpus: float = field(1.0, help="CPUs reserved per actor.")
+    num_gpus: float = field(0.0, help="GPUs per actor (fractions share a GPU; vLLM: tensor_parallel_size).")
+    resources: dict = field(
+        default_factory=dict, help="Custom Ray resources per actor, e.g. {node_pool_a: 1} to pin to nodes."
+    )
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"placement: count must be >= 1, got {self.count}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("placement: num_cpus and num_gpus must be >= 0")
+
+
+@dataclass
+class PlacementConfig:
+    generators: ActorGroup = field(default_factory=ActorGroup, help="Generator actors.")
+    judges: ActorGroup = field(default_factory=ActorGroup, help="Judge actors.")
+    trainer: ActorGroup = field(default_factory=ActorGroup, help="Ray Train workers (DeepSpeed ranks).")
+    ray_address: Optional[str] = field(
+        None, help="Ray cluster to join ('auto' inside `ray job submit`); None starts a local one."
+    )
+
+
+@dataclass
+class WeightSyncConfig:
+    method: Literal["object_store", "nccl"] = field(
+        "object_store", help="Broadcast path after each stage: Ray object store (CPU) or an NCCL group (GPU)."
+    )
+    timeout_s: float = field(600.0, help="A broadcast slower than this fails over to reloading the checkpoint.")
+
+
+@dataclass
+class EvaluationConfig:
+    num_prompts: int = field(200, help="Held-out prompts scored by the gold judge per evaluation.")
+    samples_per_prompt: int = field(2, help="Policy samples per evaluation prompt.")
+    alpaca_eval_json: bool = field(True, help="Also write responses in AlpacaEval's JSON format.")
+
+
+@dataclass
+class SPAConfig:
+    run: RunConfig = field(default_factory=RunConfig, help="Run identity and loop length.")
+    model: ModelConfig = field(default_factory=ModelConfig, help="The SFT model pi_init.")
+    data: DataConfig = field(default_factory=DataConfig, help="Task and data splits.")
+    generation: GenerationConfig = field(default_factory=GenerationConfig, help="Sampling of responses.")
+    judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling of pairs.")
+    training: TrainingConfig = field(default_factory=TrainingConfig, help="Seed DPO and refined DPO.")
+    placement: PlacementConfig = field(default_factory=PlacementConfig, help="Actors and their resources.")
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig, help="Broadcast of new weights.")
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, help="Gold-judge evaluation.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SPAConfig:
+    """Defaults, then the YAML file (if any), then ``key.sub=value`` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(SPAConfig, data, source=str(path) if path else "overrides")
+
+
+def config_to_dict(config: SPAConfig) -> dict[str, Any]:
+    return to_dict(config)
+
+
+__all__ = [
+    "ActorGroup",
+    "ConfigError",
+    "DataConfig",
+    "EvaluationConfig",
+    "GenerationConfig",
+    "JudgeConfig",
+    "ModelConfig",
+    "PlacementConfig",
+    "RunConfig",
+    "SPAConfig",
+    "TrainingConfig",
+    "WeightSyncConfig",
+    "config_to_dict",
+    "load_config",
+]

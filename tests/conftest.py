@@ -1,0 +1,10 @@
+"""Test-wide settings. Ray reads these at init, so they are set before any test imports ray."""
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Without this every ray.train.report waits ~2 s for the controller's health check.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/spa-ray/torch_extensions"))
