@@ -88,3 +88,11 @@ def test_cli_reports_config_errors_with_exit_2():
     )
     assert r.returncode == 2
     assert "training.alpha" in r.stderr
+
+
+def test_readme_config_reference_is_current():
+    sys.path.insert(0, str(REPO / "tools"))
+    from sync_readme import render
+
+    readme = (REPO / "README.md").read_text()
+    assert render(readme) == readme, "run: python tools/sync_readme.py"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from spa_ray.pipeline.config import ConfigError, load_config
-from spa_ray.pipeline.config_tree import describe
+from spa_ray.pipeline.config_tree import reference_markdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (see clusters/presets/).")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
-    parser.add_argument("--describe", action="store_true", help="Print every config key with default and meaning.")
+    parser.add_argument("--describe", action="store_true", help="Print every config key with its default and meaning (markdown).")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.iterations=3")
     return parser
 
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         from spa_ray.pipeline.config import SPAConfig
 
-        for key, default, help_text in describe(SPAConfig):
-            print(f"{key} = {default}\n    {help_text}")
+        print(reference_markdown(SPAConfig))
         return 0
     try:
         config = load_config(args.config, args.overrides)

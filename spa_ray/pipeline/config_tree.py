@@ -217,3 +217,11 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         else:
             rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown(cls: type) -> str:
+    """The config reference as a markdown table (the README embeds it; a test keeps them equal)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_text in describe(cls):
+        lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The run directory: atomic stages, a ledger that survives kills, no path escapes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from spa_ray.pipeline.run_dir import RunDirError, RunDirectory
+
+
+def test_stage_is_recorded_only_when_complete(tmp_path):
+    run = RunDirectory(tmp_path, "r1")
+    with pytest.raises(RuntimeError):
+        with run.stage_dir("gen_1", "data", "iter_1") as d:
+            (d / "generations.parquet").write_text("half")
+            raise RuntimeError("killed")
+    assert not run.is_done("gen_1")
+    assert not (run.path / "data" / "iter_1").exists()
+    assert not list(run.path.rglob(".tmp-*"))
+
+    with run.stage_dir("gen_1", "data", "iter_1", rows=3) as d:
+        (d / "generations.parquet").write_text("whole")
+    assert run.is_done("gen_1") and run.stage_info("gen_1")["rows"] == 3
+    assert (run.path / "data" / "iter_1" / "generations.parquet").read_text() == "whole"
+    with pytest.raises(RunDirError, match="already finished"):
+        with run.stage_dir("gen_1", "data", "iter_1"):
+            pass
+
+    again = RunDirectory(tmp_path, "r1")  # a restart reads the ledger back
+    assert again.finished_stages() == ["gen_1"]
+
+
+def test_sigkill_mid_stage_leaves_no_finished_looking_output(tmp_path):
+    code = textwrap.dedent(f"""
+        import os, time
+        from spa_ray.pipeline.run_dir import RunDirectory
+        run = RunDirectory({str(tmp_path)!r}, "r")
+        with run.stage_dir("seed", "data", "seed") as d:
+            (d / "pairs.parquet").write_text("x")
+        with run.stage_dir("train_0", "checkpoints", "pi_0") as d:
+            (d / "model.safetensors").write_text("partial")
+            print("inside", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "inside"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = RunDirectory(tmp_path, "r")
+    assert run.finished_stages() == ["seed"]
+    assert not (run.path / "checkpoints" / "pi_0").exists()
+    assert not list(run.path.rglob(".tmp-*")), "temporaries of the killed stage are cleaned on restart"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../../b", "/abs", "..", "a b", ""])
+def test_names_that_could_escape_are_refused(tmp_path, bad):
+    run = RunDirectory(tmp_path, "r")
+    with pytest.raises(RunDirError):
+        run.subpath(bad)
+    with pytest.raises(RunDirError):
+        RunDirectory(tmp_path, bad)
+
+
+def test_corrupt_ledger_is_named(tmp_path):
+    run = RunDirectory(tmp_path, "r")
+    run.mark_done("seed")
+    (run.path / "stages.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="stages.json"):
+        RunDirectory(tmp_path, "r")
+
+
+def test_metrics_survive_a_cut_line(tmp_path):
+    run = RunDirectory(tmp_path, "r")
+    run.append_metrics({"stage": "train_1", "loss": 0.5})
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "tra')  # a kill in the middle of a write
+    assert [m["loss"] for m in run.read_metrics()] == [0.5]
+    assert json.loads((run.path / "metrics.jsonl").read_text().splitlines()[0])["stage"] == "train_1"
