@@ -1,0 +1,126 @@
+"""One preference-optimisation step's loss: plain DPO or SPA's refined DPO (Eq. 5-6, 9-12).
+
+Pure torch, no Ray and no optimizer: the trainer calls this, then backward/step. It runs
+ONE policy forward over chosen and rejected stacked along the batch (one kernel launch
+sequence, and DDP/FSDP see a single forward per step) and one reference forward under
+no_grad. The de-coupled confidence reuses those same logits (no extra forward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..objectives.confidence_window import ConfidenceWindow
+from ..objectives.dpo import dpo_loss, dpo_margin
+from ..objectives.logprobs import sequence_logprobs
+from ..objectives.noise_detection import DEFAULT_CHUNK_SIZE, decoupled_confidence, extrapolated_sequence_logprobs
+from ..objectives.refined import refined_dpo_loss
+
+SIDES = ("chosen", "rejected")
+FIELDS = ("input_ids", "attention_mask", "response_mask")
+
+
+@dataclass
+class PreferenceStepOutput:
+    """loss: scalar with grad (mean over the local pairs). stats: python floats for metrics.
+    z, confidence: per-pair [B] detached (None for plain DPO), e.g. for the pairs table."""
+
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+    z: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+
+
+def concat_preference_batch(batch: dict, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack chosen over rejected -> {input_ids, attention_mask, response_mask} [2B, T].
+
+    Both sides are right-padded to the longer length (pad id, mask 0): with right padding
+    and causal attention, the extra tail changes no logit at a real position.
+    """
+    missing = [f"{s}_{f}" for s in SIDES for f in FIELDS if f"{s}_{f}" not in batch]
+    if missing:
+        raise ValueError(f"batch is missing keys {missing}")
+    for s in SIDES:
+        shapes = {f"{s}_{f}": tuple(batch[f"{s}_{f}"].shape) for f in FIELDS}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+            raise ValueError(f"{s} tensors must share one [B, T] shape, got {shapes}")
+    b_c, b_r = batch["chosen_input_ids"].shape[0], batch["rejected_input_ids"].shape[0]
+    if b_c != b_r or b_c == 0:
+        raise ValueError(f"chosen and rejected must hold the same number (>0) of pairs, got {b_c} and {b_r}")
+    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    out = {}
+    for f in FIELDS:
+        parts = []
+        for s in SIDES:
+            t = batch[f"{s}_{f}"]
+            fill = pad_token_id if f == "input_ids" else 0
+            padded = t.new_full((t.shape[0], T), fill)
+            padded[:, : t.shape[1]] = t
+            parts.append(padded)
+        out[f] = torch.cat(parts, dim=0)
+    return out
+
+
+def preference_step(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    batch: dict,
+    *,
+    beta: float = 0.1,
+    refine: bool = False,
+    alpha: float = 0.1,
+    lam: float = 0.5,
+    window: ConfidenceWindow | None = None,
+    step: int = 0,
+    total_steps: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    pad_token_id: int = 0,
+) -> PreferenceStepOutput:
+    """DPO (refine=False) or SPA refined DPO (refine=True) loss and stats for one batch.
+
+    refine=True needs `window` (shared across steps; under DP its `gather` must all-gather,
+    and every rank must call this at every step). lam = 0 uses pi_theta's own confidence
+    (self-refinement without de-coupled detection); lam > 0 the extrapolated model.
+    """
+    if refine and window is None:
+        raise ValueError("window (a ConfidenceWindow) is required when refine=True")
+    cat = concat_preference_batch(batch, pad_token_id)
+    B = batch["chosen_input_ids"].shape[0]
+    ids, attn, resp = cat["input_ids"], cat["attention_mask"], cat["response_mask"]
+
+    policy_logits = policy(input_ids=ids, attention_mask=attn).logits
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids, attention_mask=attn).logits
+
+    pol = sequence_logprobs(policy_logits, ids, resp)
+    ref = sequence_logprobs(ref_logits, ids, resp)
+    margin = dpo_margin(pol[:B], pol[B:], ref[:B], ref[B:], beta)
+
+    z = confidence = None
+    if refine:
+        bar = extrapolated_sequence_logprobs(policy_logits.detach(), ref_logits, ids, resp, lam, chunk_size)
+        confidence = decoupled_confidence(bar[:B], bar[B:], ref[:B], ref[B:], beta)
+        z = window.flags(confidence, step, total_steps)
+        losses = refined_dpo_loss(margin, z, alpha)
+    else:
+        losses = dpo_loss(margin)
+    loss = losses.mean()
+
+    with torch.no_grad():
+        m = margin.detach()
+        chosen_r = beta * (pol[:B].detach() - ref[:B])
+        rejected_r = beta * (pol[B:].detach() - ref[B:])
+        stats = {
+            "loss": float(loss.detach()),
+            "margin": float(m.mean()),
+            "reward_accuracy": float((m > 0).float().mean()),
+            "chosen_reward": float(chosen_r.mean()),
+            "rejected_reward": float(rejected_r.mean()),
+            "z_rate": float(z.float().mean()) if z is not None else 0.0,
+            "tau": float(window.tau) if (refine and window.tau is not None) else math.nan,
+            "confidence": float(confidence.mean()) if confidence is not None else math.nan,
+        }
+    return PreferenceStepOutput(loss=loss, stats=stats, z=z, confidence=confidence)
