@@ -1,0 +1,169 @@
+"""Loading tokenizers and causal LMs (HF ids or local paths), and weight fingerprints.
+
+- Checkpoints are read with ``use_safetensors=True`` only: a pickle (``.bin``) checkpoint
+  is refused, never unpickled.
+- ``trust_remote_code`` is off unless the caller turns it on.
+- Errors name the path that was asked for, so a bad config entry is easy to find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+
+import torch
+
+__all__ = [
+    "ModelLoadError",
+    "MissingTokenizerError",
+    "MissingChatTemplateError",
+    "load_tokenizer",
+    "load_causal_lm",
+    "resolve_dtype",
+    "state_dict_checksum",
+    "model_state_to_cpu",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Files whose presence means "a tokenizer was saved here" (fast, sentencepiece, BPE).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer could not be loaded; the message names the path."""
+
+
+class MissingTokenizerError(ModelLoadError):
+    """No tokenizer at the given path."""
+
+
+class MissingChatTemplateError(ValueError):
+    """The tokenizer loaded but has no chat template (and one is required)."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """"auto" stays "auto" (the checkpoint's dtype); names map to torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}") from None
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    require_chat_template: bool = True,
+):
+    """AutoTokenizer for `name_or_path` with a pad token and the requested padding side.
+
+    - pad token: set to the eos token when the tokenizer has none (``pad_token_id`` is
+      then eos; training masks come from ``response_mask``/``attention_mask``, never from
+      comparing ids with pad).
+    - padding_side: "right" for training/scoring batches, "left" for generation.
+    - require_chat_template: raise MissingChatTemplateError when the tokenizer has no
+      chat template (prompts are always rendered through it).
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise MissingTokenizerError(
+            f"no tokenizer found in {path!r} (none of {', '.join(_TOKENIZER_FILES)}); "
+            "save one there with tokenizer.save_pretrained(path)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError, EnvironmentError from hub lookups
+        raise MissingTokenizerError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"tokenizer at {path!r} has neither a pad token nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise MissingChatTemplateError(
+            f"tokenizer at {path!r} has no chat template; set tokenizer.chat_template and "
+            "save it, or pass require_chat_template=False"
+        )
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """AutoModelForCausalLM from safetensors only, moved to `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.fspath(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"no model config.json in {path!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load a causal LM from {path!r} (safetensors weights required): {exc}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _state_dict_of(model_or_state_dict) -> Mapping[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        return model_or_state_dict.state_dict()
+    if isinstance(model_or_state_dict, Mapping):
+        return model_or_state_dict
+    raise TypeError(f"expected an nn.Module or a mapping of tensors, got {type(model_or_state_dict).__name__}")
+
+
+def state_dict_checksum(model_or_state_dict) -> str:
+    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes, in sorted name order.
+
+    Deterministic across processes and devices: equal iff the same names hold bit-equal
+    tensors of the same dtype. Use it to check that weights reached an actor.
+    """
+    sd = _state_dict_of(model_or_state_dict)
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} is not a tensor ({type(t).__name__})")
+        t = t.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(b"\0")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()`` (safe to ship to another actor)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
