@@ -1,0 +1,276 @@
+"""The per-worker training loop of the Ray Train group: seed DPO or SPA refined DPO.
+
+Each worker holds the policy under DeepSpeed ZeRO (stage by config; gloo on CPU, NCCL on
+GPU) and a frozen reference. The loss itself is ``preference_step`` (pure torch); this
+file only adds what distribution needs: the data plan by rank, the confidence window
+gathered across ranks, gradient accumulation, step checkpoints that carry the optimizer,
+scheduler, window, RNG and data position, and the final Hugging Face folder gathered
+from ZeRO shards by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spa_ray.objectives.confidence_window import ConfidenceWindow
+from spa_ray.objectives.distributed import all_gather_1d
+from spa_ray.training.batch_plan import BatchPlan
+from spa_ray.training.pairs_table import read_pairs
+from spa_ray.training.preference_step import preference_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss: the stage stops; the previous checkpoint stays intact."""
+
+
+@dataclass
+class TrainStageSpec:
+    """Everything one training stage needs; plain data so it crosses to the workers."""
+
+    stage: str
+    policy_path: str
+    reference_path: str
+    pairs_path: str
+    output_dir: str
+    epochs: int
+    refine: bool
+    lam: float
+    seed: int
+    beta: float = 0.1
+    alpha: float = 0.1
+    k_percent: float = 10.0
+    confidence_window: int = 50
+    denoise_warmup: float = 0.2
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    dtype: str = "auto"
+    noise_chunk_size: int = 128
+    checkpoint_every: int = 0
+    trust_remote_code: bool = False
+    fail_at_step: int = -1  # tests only: the last rank raises once at this step (fault injection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _deepspeed_config(spec: TrainStageSpec, plan: BatchPlan, use_bf16: bool) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_batch_size": spec.global_batch_size,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.max_grad_norm > 0:
+        config["gradient_clipping"] = spec.max_grad_norm
+    if use_bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    import deepspeed
+    import ray.train
+    from transformers import get_cosine_schedule_with_warmup
+
+    from spa_ray.data.collate import collate_preference_pairs
+    from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
+    from spa_ray.models.loading import load_causal_lm, load_tokenizer
+
+    spec = TrainStageSpec(**spec_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(spec.seed * 7919 + rank)
+    random.seed(spec.seed * 7919 + rank)
+
+    tokenizer = load_tokenizer(spec.policy_path, trust_remote_code=spec.trust_remote_code, require_chat_template=False)
+    policy = load_causal_lm(spec.policy_path, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+    reference = load_causal_lm(
+        spec.reference_path, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code
+    )
+    reference.requires_grad_(False)
+    policy.train()
+    use_bf16 = next(policy.parameters()).dtype == torch.bfloat16
+
+    table = read_pairs(spec.pairs_path)
+    plan = BatchPlan(
+        num_pairs=len(table["prompt_ids"]),
+        global_batch_size=spec.global_batch_size,
+        micro_batch_size=spec.micro_batch_size,
+        world_size=world,
+        epochs=spec.epochs,
+        seed=spec.seed,
+    )
+
+    def pair_at(i: int) -> TokenizedPair:
+        prompt = [int(t) for t in table["prompt_ids"][i]]
+        sides = {}
+        for side in ("chosen", "rejected"):
+            response = [int(t) for t in table[f"{side}_ids"][i]]
+            ids = prompt + response
+            sides[side] = TokenizedSequence(
+                input_ids=ids,
+                attention_mask=[1] * len(ids),
+                response_mask=[False] * len(prompt) + [True] * len(response),
+                prompt_len=len(prompt),
+                response_len=len(response),
+            )
+        return TokenizedPair(**sides)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * plan.total_steps), num_training_steps=plan.total_steps
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=policy,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=_deepspeed_config(spec, plan, use_bf16),
+        dist_init_required=False,
+    )
+    if spec.zero_stage == 3:  # shard the frozen reference too, as TRL does under ZeRO-3
+        ref_config = {
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": use_bf16},
+        }
+        reference, *_ = deepspeed.initialize(model=reference, config=ref_config, dist_init_required=False)
+    reference.eval()
+
+    window = ConfidenceWindow(
+        size=spec.confidence_window,
+        k_percent=spec.k_percent,
+        warmup_fraction=spec.denoise_warmup,
+        gather=all_gather_1d if world > 1 else None,
+    )
+
+    start_step = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            _, client = engine.load_checkpoint(ckpt_dir, tag="latest_step")
+            start_step = int(client["next_step"])
+            window.load_state_dict(client["window"])
+            rng = torch.load(Path(ckpt_dir) / f"rng_rank{rank}.pt", weights_only=False)
+            _set_rng_state(rng)
+
+    log_path = Path(spec.output_dir) / "train_log.jsonl"
+    flags_rows: list[tuple[int, int, float, float]] = []  # (pair index, epoch, confidence, z)
+    engine.train()
+    for step in range(start_step, plan.total_steps):
+        t0 = time.time()
+        if step == spec.fail_at_step and rank == world - 1:
+            marker = Path(spec.output_dir) / f".fault_{spec.stage}"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("injected")
+                raise RuntimeError(f"injected worker failure at step {step}")
+        step_stats: list[dict[str, float]] = []
+        for micro in plan.micro_batches(step, rank):
+            batch = collate_preference_pairs([pair_at(i) for i in micro], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = preference_step(
+                engine,
+                reference,
+                batch,
+                beta=spec.beta,
+                refine=spec.refine,
+                alpha=spec.alpha,
+                lam=spec.lam,
+                window=window if spec.refine else None,
+                step=step,
+                total_steps=plan.total_steps,
+                chunk_size=spec.noise_chunk_size,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            if not torch.isfinite(out.loss):
+                raise NonFiniteLossError(
+                    f"stage {spec.stage}: non-finite loss {float(out.loss)} at step {step} (rank {rank}); "
+                    "stopping: the previous checkpoint is left as it was. Lower training.learning_rate "
+                    "or check the pairs table for empty responses."
+                )
+            engine.backward(out.loss)
+            engine.step()
+            step_stats.append(out.stats)
+            if out.z is not None:
+                epoch = step // plan.steps_per_epoch
+                for i, c, z in zip(micro, out.confidence.tolist(), out.z.tolist()):
+                    flags_rows.append((i, epoch, float(c), float(z)))
+        stats = {k: sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
+        stats.update(step=step, lr=float(scheduler.get_last_lr()[0]), step_seconds=time.time() - t0)
+        if rank == 0:
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"stage": spec.stage, **stats}) + "\n")
+        if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < plan.total_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(
+                    tmp, tag="latest_step", client_state={"next_step": step + 1, "window": window.state_dict()}
+                )
+                torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+                ray.train.report(stats, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    _save_flags(spec, rank, world, flags_rows)
+    _save_final_model(engine, tokenizer, spec, rank)
+    ray.train.report({"done": 1.0, "total_steps": float(plan.total_steps)})
+
+
+def _save_flags(spec: TrainStageSpec, rank: int, world: int, rows: list[tuple[int, int, float, float]]) -> None:
+    """Every rank's per-pair confidences and z flags, gathered to rank 0 and written once."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    if rank == 0 and rows:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        index, epoch, conf, z = zip(*sorted(rows))
+        pq.write_table(
+            pa.table({"pair_index": index, "epoch": epoch, "confidence": conf, "z": z}),
+            str(Path(spec.output_dir) / "noise_flags.parquet"),
+        )
+
+
+def _save_final_model(engine: Any, tokenizer: Any, spec: TrainStageSpec, rank: int) -> None:
+    """Gather ZeRO shards (all ranks take part) and let rank 0 write a safetensors HF folder."""
+    if spec.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if rank == 0:
+        out = Path(spec.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = engine.module
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
