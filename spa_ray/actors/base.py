@@ -1,0 +1,336 @@
+"""Shared pieces of the weight-holding actors: checkpoints, packed state dicts, checksums.
+
+Every actor that holds policy weights (generators, judges) keeps three facts about them:
+the ``version`` (0 = pi_init / as constructed, t = pi_t; ``None`` = unknown, after a
+load that failed half-way), the checkpoint ``path`` they came from, and a ``checksum``
+(``models.loading.state_dict_checksum`` over the checkpoint's tensor names). A stage
+refuses to run on stale weights: ``ShardedActors.require_version`` checks the version,
+and every stage call carries the pool's target (version, path) so an actor that Ray
+restarted (its ``__init__`` re-runs with the ORIGINAL arguments, i.e. pi_init) reloads
+the current checkpoint before it serves (``WeightedActor.sync_to``).
+
+Weights cross the object store as a ``PackedStateDict``: numpy arrays (bfloat16 as raw
+16-bit words), so that readers on the same node map them zero-copy instead of unpickling
+tensor bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spa_ray.models.loading import state_dict_checksum
+
+__all__ = [
+    "WeightsError",
+    "WeightsMismatchError",
+    "StaleWeightsError",
+    "PackedStateDict",
+    "pack_state_dict",
+    "unpack_state_dict",
+    "resolve_state_dict",
+    "load_checkpoint_state_dict",
+    "checkpoint_tensor_names",
+    "state_dict_nbytes",
+    "ChecksumAccumulator",
+    "WeightedActor",
+    "current_node_id",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be loaded or synchronised."""
+
+
+class WeightsMismatchError(WeightsError):
+    """The weights an actor holds after a load do not have the expected checksum."""
+
+
+class StaleWeightsError(WeightsError):
+    """An actor holds a weights version other than the one a stage requires."""
+
+
+# ------------------------------------------------------------------ packed state dicts
+# torch dtypes numpy cannot hold natively travel as same-width integer words
+_VIEW_AS = {torch.bfloat16: torch.int16}
+
+
+@dataclass
+class PackedStateDict:
+    """A state dict as numpy arrays (zero-copy through Ray's object store)."""
+
+    arrays: dict[str, np.ndarray]
+    dtypes: dict[str, str]  # name -> torch dtype name, e.g. "bfloat16"
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedStateDict:
+    arrays, dtypes = {}, {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} is not a tensor ({type(t).__name__})")
+        t = t.detach().to("cpu").contiguous()
+        dtypes[name] = str(t.dtype).removeprefix("torch.")
+        if t.dtype in _VIEW_AS:
+            t = t.view(_VIEW_AS[t.dtype])
+        arrays[name] = t.numpy()
+    return PackedStateDict(arrays, dtypes)
+
+
+def unpack_state_dict(packed: PackedStateDict) -> dict[str, torch.Tensor]:
+    """Tensors viewing the packed arrays (read-only memory: copy them into a model)."""
+    out = {}
+    with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        for name, arr in packed.arrays.items():
+            t = torch.from_numpy(arr)
+            dtype = getattr(torch, packed.dtypes[name])
+            out[name] = t.view(dtype) if t.dtype != dtype else t
+    return out
+
+
+def resolve_state_dict(state) -> Mapping[str, torch.Tensor]:
+    """A tensor mapping from a mapping, a PackedStateDict, or an ObjectRef to either."""
+    import ray
+
+    if isinstance(state, ray.ObjectRef):
+        state = ray.get(state)
+    if isinstance(state, PackedStateDict):
+        return unpack_state_dict(state)
+    if isinstance(state, Mapping):
+        return state
+    raise TypeError(f"expected a state dict, PackedStateDict or ObjectRef, got {type(state).__name__}")
+
+
+def state_dict_nbytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state_dict.values()))
+
+
+# ------------------------------------------------------------------------ checkpoints
+def _safetensors_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in checkpoint folder {str(path)!r}")
+    return files
+
+
+def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained (safetensors, possibly sharded) folder, on CPU."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        sd.update(load_file(str(f), device="cpu"))
+    return sd
+
+
+def checkpoint_tensor_names(path: str | os.PathLike) -> list[str]:
+    """Tensor names stored in a checkpoint folder (reads headers only)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            names.extend(fh.keys())
+    return sorted(names)
+
+
+class ChecksumAccumulator:
+    """``state_dict_checksum`` fed one tensor at a time, in sorted name order.
+
+    For receivers that see tensors one by one (the NCCL path) and must not keep them all.
+    ``update`` in sorted order, then ``hexdigest`` equals state_dict_checksum of the dict.
+    """
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._last: str | None = None
+
+    def update(self, name: str, t: torch.Tensor) -> None:
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._last!r}")
+        self._last = name
+        t = t.detach().to("cpu").contiguous()
+        self._h.update(name.encode())
+        self._h.update(b"\0")
+        self._h.update(str(t.dtype).encode())
+        self._h.update(repr(tuple(t.shape)).encode())
+        self._h.update(b"\0")
+        if t.numel():
+            self._h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def current_node_id() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray
+        return None
+
+
+# ---------------------------------------------------------------------- actor mixin
+class WeightedActor:
+    """Version / checksum bookkeeping shared by GeneratorActor and JudgeActor.
+
+    Subclasses implement ``_load_verified(state_dict, version, checksum) -> checksum``
+    (copy the tensors in, verify, return the checksum of what the actor now holds, raise
+    WeightsMismatchError otherwise) and ``_live_checksum() -> str``.
+    """
+
+    def _init_weights_state(self, label: str | None, path, version: int) -> None:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"version must be an int, got {type(version).__name__}")
+        self.actor_label = label or type(self).__name__
+        self._path = os.fspath(path) if path is not None else None
+        self._version: int | None = version
+        self._checksum: str | None = None
+
+    # -- subclass hooks ----------------------------------------------------------------
+    def _load_verified(self, state_dict: Mapping[str, torch.Tensor], version: int, checksum: str) -> str:
+        raise NotImplementedError
+
+    def _live_checksum(self) -> str:
+        raise NotImplementedError
+
+    def _sync_extra(self, state: Mapping[str, Any]) -> None:
+        """Pool state beyond (version, path), e.g. the judge's reference."""
+
+    # -- public API ----------------------------------------------------------------------
+    def load_weights(self, state_dict_or_ref, version: int, checksum: str, path=None) -> dict:
+        """Copy new weights in (mapping, PackedStateDict or ObjectRef), verify `checksum`.
+
+        On a checksum mismatch the version becomes None (unknown) and WeightsMismatchError
+        is raised: the actor then serves no stage until it is reloaded.
+        """
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"version must be an int, got {type(version).__name__}")
+        t0 = time.perf_counter()
+        sd = resolve_state_dict(state_dict_or_ref)
+        nbytes = state_dict_nbytes(sd)
+        self._version = None  # unknown until the load is verified
+        self._checksum = None
+        try:
+            got = self._load_verified(sd, version, checksum)
+        except WeightsMismatchError:
+            raise
+        except Exception as exc:
+            raise WeightsError(f"{self.actor_label}: loading weights version {version} failed: {exc}") from exc
+        self._version, self._checksum = version, got
+        if path is not None:
+            self._path = os.fspath(path)
+        return {**self.weights_info(), "seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+    def reload_from_checkpoint(self, path, version: int) -> dict:
+        """The fallback path: read the checkpoint folder here and load it (checksum verified)."""
+        t0 = time.perf_counter()
+        sd = load_checkpoint_state_dict(path)
+        info = self.load_weights(sd, version, state_dict_checksum(sd), path=path)
+        info["seconds"] = time.perf_counter() - t0
+        return info
+
+    def weights_info(self) -> dict:
+        if self._checksum is None and self._version is not None:
+            self._checksum = self._live_checksum()
+        return {
+            "label": self.actor_label,
+            "version": self._version,
+            "checksum": self._checksum,
+            "node_id": current_node_id(),
+            "path": self._path,
+            "pid": os.getpid(),
+        }
+
+    def sync_to(self, state: Mapping[str, Any]) -> bool:
+        """Bring this actor to the pool's target state; True if it had to reload."""
+        reloaded = False
+        if self._version != state["version"]:
+            logger.warning(
+                "%s holds weights version %s but its pool is at %s: reloading %s",
+                self.actor_label, self._version, state["version"], state["path"],
+            )
+            self.reload_from_checkpoint(state["path"], state["version"])
+            reloaded = True
+        self._sync_extra(state)
+        return reloaded
+
+    def call_synced(self, state: Mapping[str, Any], method: str, args: tuple = (), kwargs: dict | None = None):
+        """``sync_to(state)`` then ``method(*args, **kwargs)``: what every stage call runs.
+
+        Ray may run this more than once (max_task_retries after a restart): the methods
+        called this way are pure functions of (weights, inputs), so that is harmless.
+        """
+        if method.startswith("_"):
+            raise ValueError(f"call_synced only calls public methods, got {method!r}")
+        self.sync_to(state)
+        return getattr(self, method)(*args, **(kwargs or {}))
+
+    def ping(self) -> str:
+        return self.actor_label
+
+
+# ------------------------------------------------------------- torch-model helpers
+def model_checksum(model: torch.nn.Module, names=None) -> str:
+    """state_dict_checksum of the model's tensors named in `names` (default: all).
+
+    Restricting to the checkpoint's names makes a model with tied weights (lm_head
+    stored once by save_pretrained) checksum like its checkpoint.
+    """
+    sd = model.state_dict()
+    if names is None:
+        return state_dict_checksum(sd)
+    return state_dict_checksum({k: sd[k] for k in names if k in sd})
+
+
+def copy_and_verify(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], checksum: str, label: str) -> str:
+    """Copy `state_dict` into `model` (strict names/shapes) and verify the result.
+
+    Same dtypes: the model's tensors (over the sent names) must checksum to `checksum`.
+    Different dtypes (the actor runs in another dtype than the checkpoint): the sent
+    tensors must checksum to `checksum` (transfer) and the model must hold exactly the
+    sent tensors cast to its dtypes (load). Returns the model's checksum over the names.
+    """
+    from spa_ray.generation.transformers_backend import copy_state_dict_strict
+
+    copy_state_dict_strict(model, state_dict)
+    live = model.state_dict()
+    names = sorted(state_dict)
+    got = state_dict_checksum({k: live[k] for k in names})
+    if all(state_dict[k].dtype == live[k].dtype for k in names):
+        if got != checksum:
+            raise WeightsMismatchError(f"{label}: weights checksum after loading is {got[:12]}, expected {checksum[:12]}")
+        return got
+    sent = state_dict_checksum(state_dict)
+    if sent != checksum:
+        raise WeightsMismatchError(f"{label}: received weights checksum {sent[:12]}, expected {checksum[:12]}")
+    cast = state_dict_checksum({k: state_dict[k].to(live[k].dtype) for k in names})
+    if got != cast:
+        raise WeightsMismatchError(f"{label}: model does not hold the received weights after loading")
+    return got

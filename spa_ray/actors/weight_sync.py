@@ -1,0 +1,361 @@
+"""Broadcast of new policy weights to every generator and judge actor, with a fallback.
+
+``broadcast_weights(pools, checkpoint_dir, version, method, timeout_s)``:
+
+- ``object_store`` (CPU and GPU): the caller reads the safetensors checkpoint ONCE (CPU),
+  packs it as numpy arrays and ``ray.put``s it ONCE; every actor's ``load_weights`` gets
+  the same ObjectRef (same-node readers map it zero-copy) and verifies the checksum after
+  loading. The calls are awaited with ``ray.wait(timeout=timeout_s)``.
+- ``nccl`` (GPU, vLLM generators): modelled on vLLM's RLHF example. A sender actor on a
+  GPU loads the checkpoint onto its device and forms a stateless NCCL group
+  (``vllm.distributed.utils.StatelessProcessGroup`` + ``PyNcclCommunicator``) with every
+  vLLM worker of every generator (rank 0 = sender, then each engine's TP workers), then
+  broadcasts each tensor in sorted-name order while the workers receive it into a fresh
+  buffer and hand it to ``model.load_weights`` (worker extension
+  ``SPANcclWorkerExtension``). Pools that are not vLLM generators (the judges run
+  transformers) take the object-store path in the same call.
+  NOT RUN on the machine this was written on (no GPU, no vLLM, no NCCL): the code follows
+  the documented vLLM API and must be checked on a GPU cluster.
+
+Fallback (both methods): an actor whose load times out or fails reloads the checkpoint
+folder itself (``reload_from_checkpoint``); a warning names the actors and the reasons.
+For NCCL a timed-out receiver is blocked inside a collective, so it is first restarted
+(``ray.kill(no_restart=False)``; it re-inits from its original checkpoint) and then
+reloaded. Every pool's target is set to (version, checkpoint_dir) before anything is
+sent, so a stage call on an actor that missed the broadcast reloads it too. Finally
+``require_version(version)`` on every pool; the function returns a report.
+
+NCCL requested where it cannot run (no vLLM generators, no GPUs in the cluster) is a
+configuration error: ``NcclUnavailableError`` at once, before any weights move. We chose
+to fail fast rather than fall back silently to the object store, so that a GPU config
+that lost its GPUs (or its vLLM backend) is noticed instead of running slowly.
+``check_weight_sync_method`` runs the same check at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ray
+import torch
+
+from spa_ray.actors.base import (
+    ChecksumAccumulator,
+    load_checkpoint_state_dict,
+    pack_state_dict,
+    state_dict_nbytes,
+)
+from spa_ray.actors.pool import ShardedActors
+from spa_ray.generation.vllm_backend import SPAWorkerExtension
+from spa_ray.models.loading import state_dict_checksum
+
+__all__ = [
+    "WeightSyncError",
+    "NcclUnavailableError",
+    "broadcast_weights",
+    "check_weight_sync_method",
+    "SPANcclWorkerExtension",
+    "NcclWeightSender",
+]
+
+logger = logging.getLogger(__name__)
+
+OBJECT_STORE = "object_store"
+CHECKPOINT_FALLBACK = "checkpoint_fallback"
+NCCL = "nccl"
+
+
+class WeightSyncError(RuntimeError):
+    """A broadcast could not bring every actor to the new version, even by reloading."""
+
+
+class NcclUnavailableError(WeightSyncError, ValueError):
+    """weight_sync.method='nccl' was asked for where it cannot run."""
+
+
+def _as_pools(pools) -> list[ShardedActors]:
+    if isinstance(pools, ShardedActors):
+        return [pools]
+    return [p for p in pools]
+
+
+def _wait(calls: dict, timeout_s: float | None) -> tuple[dict, dict]:
+    """Await refs -> key; returns ({key: (result, seconds)}, {key: reason}) for failures."""
+    t0 = time.monotonic()
+    deadline = None if timeout_s is None else t0 + float(timeout_s)
+    done: dict = {}
+    failed: dict = {}
+    remaining = list(calls)
+    while remaining:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=left)
+        for ref in ready:
+            key = calls[ref]
+            try:
+                done[key] = (ray.get(ref), time.monotonic() - t0)
+            except Exception as exc:  # RayActorError, RayTaskError(WeightsMismatchError), ...
+                failed[key] = _reason(exc)
+    for ref in remaining:
+        failed[calls[ref]] = f"timed out after {timeout_s} s"
+    return done, failed
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a call failed (the actor's own exception for a RayTaskError)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def check_weight_sync_method(method: str, pools: Iterable[ShardedActors] | None = None, generation_backend: str | None = None) -> None:
+    """Fail fast when `method` cannot run with these pools / this backend / this cluster."""
+    if method == OBJECT_STORE:
+        return
+    if method != NCCL:
+        raise ValueError(f"weight_sync.method must be 'object_store' or 'nccl', got {method!r}")
+    if generation_backend is not None and generation_backend != "vllm":
+        raise NcclUnavailableError(
+            f"weight_sync.method='nccl' needs generation.backend='vllm' on GPUs, got {generation_backend!r}; "
+            "set weight_sync.method=object_store"
+        )
+    if pools is not None and not any(p.supports_nccl for p in pools):
+        raise NcclUnavailableError(
+            "weight_sync.method='nccl' needs vLLM generator actors on GPUs, but none of the pools "
+            f"({', '.join(p.name for p in pools)}) is one; set weight_sync.method=object_store"
+        )
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) <= 0:
+        raise NcclUnavailableError(
+            "weight_sync.method='nccl' needs GPUs, but this Ray cluster has none; set weight_sync.method=object_store"
+        )
+
+
+def broadcast_weights(
+    pools: ShardedActors | Sequence[ShardedActors],
+    checkpoint_dir: str | os.PathLike,
+    version: int,
+    method: str = OBJECT_STORE,
+    timeout_s: float = 600.0,
+    fallback_timeout_s: float | None = None,
+    sender_resources: dict | None = None,
+) -> dict[str, Any]:
+    """Bring every actor of `pools` to the weights in `checkpoint_dir` as `version`.
+
+    Returns {"version", "method", "checkpoint", "checksum", "bytes", "seconds",
+    "fallbacks", "actors": [{pool, actor, version, checksum, node_id, path, seconds,
+    bytes, error}]}; "path" is "object_store", "nccl" or "checkpoint_fallback".
+    Raises WeightSyncError when an actor cannot be brought to `version` even by the
+    fallback, StaleWeightsError (from require_version) if one still differs.
+    """
+    pools = _as_pools(pools)
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    check_weight_sync_method(method, pools)
+    t0 = time.perf_counter()
+    for p in pools:  # target first: any later stage call re-syncs an actor that missed this
+        p.set_target(version, checkpoint_dir)
+    keys = [(pi, k) for pi, p in enumerate(pools) for k in range(len(p))]
+    rows: dict[tuple[int, int], dict] = {}
+    failed: dict[tuple[int, int], str] = {}
+    nbytes = 0
+    checksum = None
+
+    nccl_keys = [key for key in keys if method == NCCL and pools[key[0]].supports_nccl]
+    store_keys = [key for key in keys if key not in set(nccl_keys)]
+    restart_first: set = set()
+    if nccl_keys:
+        done, bad, checksum, nbytes = _broadcast_nccl(pools, nccl_keys, checkpoint_dir, version, timeout_s, sender_resources)
+        for key, (info, secs) in done.items():
+            rows[key] = {**info, "path": NCCL, "seconds": secs}
+        failed.update(bad)
+        restart_first = {k for k, why in bad.items() if why.startswith("timed out")}
+    if store_keys:
+        sd = load_checkpoint_state_dict(checkpoint_dir)
+        checksum = state_dict_checksum(sd)
+        nbytes = state_dict_nbytes(sd)
+        ref = ray.put(pack_state_dict(sd))
+        del sd
+        calls = {
+            pools[pi].actors[k].load_weights.remote(ref, version, checksum, checkpoint_dir): (pi, k)
+            for pi, k in store_keys
+        }
+        done, bad = _wait(calls, timeout_s)
+        for key, (info, secs) in done.items():
+            rows[key] = {**info, "path": OBJECT_STORE, "seconds": secs}
+        failed.update(bad)
+
+    if failed:
+        names = ", ".join(f"{pools[pi].labels[k]} ({why})" for (pi, k), why in sorted(failed.items()))
+        logger.warning(
+            "weight broadcast of version %d by %s: %d actor(s) fall back to reloading %s: %s",
+            version, method, len(failed), checkpoint_dir, names,
+        )
+        for pi, k in restart_first:  # stuck in a collective: restart, then reload
+            ray.kill(pools[pi].actors[k], no_restart=False)
+        calls = {pools[pi].actors[k].reload_from_checkpoint.remote(checkpoint_dir, version): (pi, k) for pi, k in failed}
+        done, bad = _wait(calls, fallback_timeout_s if fallback_timeout_s is not None else timeout_s)
+        for key, (info, secs) in done.items():
+            rows[key] = {**info, "path": CHECKPOINT_FALLBACK, "seconds": secs, "error": failed[key]}
+        if bad:
+            names = ", ".join(f"{pools[pi].labels[k]} ({why})" for (pi, k), why in sorted(bad.items()))
+            raise WeightSyncError(f"weights version {version} from {checkpoint_dir} did not reach: {names}")
+
+    for p in pools:
+        p.require_version(version)
+    actors = []
+    for pi, k in keys:
+        r = rows[(pi, k)]
+        actors.append(
+            {
+                "pool": pools[pi].name,
+                "actor": pools[pi].labels[k],
+                "version": r["version"],
+                "checksum": r["checksum"],
+                "node_id": r["node_id"],
+                "path": r["path"],
+                "seconds": float(r["seconds"]),
+                "bytes": int(r.get("bytes", nbytes)),
+                "error": r.get("error"),
+            }
+        )
+    return {
+        "version": int(version),
+        "method": method,
+        "checkpoint": checkpoint_dir,
+        "checksum": checksum,
+        "bytes": int(nbytes),
+        "seconds": time.perf_counter() - t0,
+        "fallbacks": sum(a["path"] == CHECKPOINT_FALLBACK for a in actors),
+        "actors": actors,
+    }
+
+
+# ============================================================================ NCCL path
+# Everything below needs CUDA GPUs, NCCL and vLLM. NOT RUN on the machine this was
+# written on; imports of vllm happen inside the functions only.
+
+
+def _nccl_communicator(master_address: str, master_port: int, rank: int, world_size: int, device):
+    """A PyNcclCommunicator over a StatelessProcessGroup (vLLM's RLHF example recipe)."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    pg = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=int(rank), world_size=int(world_size))
+    return PyNcclCommunicator(pg, device=device)
+
+
+class SPANcclWorkerExtension(SPAWorkerExtension):
+    """vLLM worker extension: the backend's chunked load plus the NCCL receive path.
+
+    GeneratorActor(backend="vllm") passes this as ``worker_extension_cls``. UNRUN here.
+    """
+
+    def spa_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        rank = get_world_group().rank + int(rank_offset)
+        self._spa_nccl = _nccl_communicator(master_address, master_port, rank, world_size, self.device)
+
+    def spa_nccl_receive(self, metadata: list, checksum: bool = True) -> str | None:
+        """Receive (name, dtype, shape) tensors in order from rank 0; load each one."""
+        model = self.model_runner.model
+        load = getattr(model, "load_weights", None) or model.runnable.load_weights
+        acc = ChecksumAccumulator() if checksum else None
+        for name, dtype_name, shape in metadata:
+            buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype_name), device=self.device)
+            self._spa_nccl.broadcast(buf, src=0, stream=torch.cuda.current_stream())
+            if acc is not None:
+                acc.update(name, buf)
+            load(weights=[(name, buf)])
+            del buf
+        torch.cuda.synchronize()
+        return acc.hexdigest() if acc is not None else None
+
+
+class NcclWeightSender:
+    """Rank 0 of the weight-update group: a small GPU actor holding the checkpoint. UNRUN here."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        torch.cuda.set_device(self.device)
+        sd = load_checkpoint_state_dict(checkpoint_dir)
+        self.checksum = state_dict_checksum(sd)
+        self.names = sorted(sd)
+        self.tensors = {k: sd[k].to(self.device) for k in self.names}
+        self.comm = None
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def metadata(self) -> tuple[list, str, int]:
+        meta = [(k, str(self.tensors[k].dtype).removeprefix("torch."), list(self.tensors[k].shape)) for k in self.names]
+        nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return meta, self.checksum, int(nbytes)
+
+    def init_group(self, master_address: str, master_port: int, world_size: int) -> None:
+        self.comm = _nccl_communicator(master_address, master_port, 0, world_size, self.device)
+
+    def send_all(self) -> int:
+        for k in self.names:
+            self.comm.broadcast(self.tensors[k], src=0, stream=torch.cuda.current_stream())
+        torch.cuda.synchronize()
+        return len(self.names)
+
+
+def _broadcast_nccl(pools, keys, checkpoint_dir, version, timeout_s, sender_resources):
+    """NCCL broadcast to the vLLM generators `keys`; returns (done, failed, checksum, bytes). UNRUN here."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise NcclUnavailableError("weight_sync.method='nccl' needs vLLM installed (pip install 'spa-ray[gpu]')") from exc
+    opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
+    if sender_resources:
+        opts["resources"] = dict(sender_resources)
+    sender = ray.remote(NcclWeightSender).options(**opts).remote(checkpoint_dir)
+    try:
+        meta, checksum, nbytes = ray.get(sender.metadata.remote(), timeout=timeout_s)
+        sizes = ray.get([pools[pi].actors[k].nccl_world_size.remote() for pi, k in keys], timeout=timeout_s)
+        world_size = 1 + sum(sizes)
+        host, port = ray.get(sender.address.remote(), timeout=timeout_s)
+        offsets, off = [], 1
+        for s in sizes:
+            offsets.append(off)
+            off += s
+        # group formation is a rendezvous: all ranks at once
+        init = [sender.init_group.remote(host, port, world_size)] + [
+            pools[pi].actors[k].nccl_init_group.remote(host, port, o, world_size) for (pi, k), o in zip(keys, offsets)
+        ]
+        ready, _ = ray.wait(init, num_returns=len(init), timeout=timeout_s)
+        if len(ready) < len(init):
+            raise TimeoutError(f"NCCL group formation timed out after {timeout_s} s")
+        ray.get(init)
+        recv = {
+            pools[pi].actors[k].nccl_receive.remote(meta, version, checksum, checkpoint_dir): (pi, k) for pi, k in keys
+        }
+        send = sender.send_all.remote()
+        done, failed = _wait(recv, timeout_s)
+        try:
+            ray.get(send, timeout=1.0 if failed else timeout_s)
+        except Exception as exc:  # the receivers' results say who got what
+            logger.warning("NCCL sender did not finish cleanly: %s", exc)
+        return done, failed, checksum, nbytes
+    except Exception as exc:
+        if isinstance(exc, NcclUnavailableError):
+            raise
+        reason = f"NCCL setup failed: {type(exc).__name__}: {exc}"
+        logger.warning("%s", reason)
+        # receivers may be stuck in a rendezvous or collective: treat as timed out (restart, reload)
+        sd = load_checkpoint_state_dict(checkpoint_dir)
+        return {}, {key: f"timed out ({reason})" for key in keys}, state_dict_checksum(sd), state_dict_nbytes(sd)
+    finally:
+        ray.kill(sender, no_restart=True)
