@@ -61,15 +61,15 @@ class DataConfig:
         "spa_ray.tasks.embedded:EmbeddedTask",
         help="Task import path 'pkg.module:Class' (prompts, seed pairs, gold judge for evaluation).",
     )
-    task_kwargs: dict = field(default_factory=dict, help="Keyword arguments for the task's constructor.")
-    seed_fraction: float = field(0.033, help="Fraction of the dataset's prompts whose gold pairs form the seed D0.")
+    task_kwargs: dict = field(
+        default_factory=dict,
+        help="Keyword arguments for the task's constructor (split sizes such as seed_fraction live here).",
+    )
     judge_holdout_fraction: float = field(
         0.1, help="Fraction of the seed's gold pairs kept out of training to check the judge each iteration."
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.seed_fraction < 1.0:
-            raise ConfigError(f"data.seed_fraction: must be in (0, 1), got {self.seed_fraction}")
         if not 0.0 <= self.judge_holdout_fraction < 1.0:
             raise ConfigError(f"data.judge_holdout_fraction: must be in [0, 1), got {self.judge_holdout_fraction}")
 
@@ -153,6 +153,9 @@ class TrainingConfig:
     lambda_first: float = field(0.5, help="Extrapolation lambda of iteration 1; halved each iteration.")
     zero_stage: int = field(2, help="DeepSpeed ZeRO stage (0-3).")
     noise_chunk_size: int = field(128, help="Sequence chunk for extrapolated log-probs (memory bound).")
+    checkpoint_every: int = field(
+        0, help="Optimizer steps between step checkpoints a failed trainer worker resumes from (0: none)."
+    )
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -198,10 +201,16 @@ class ActorGroup:
             raise ConfigError("placement: num_cpus and num_gpus must be >= 0")
 
 
+def _shared_cpu_group() -> ActorGroup:
+    return ActorGroup(count=1, num_cpus=0.5)
+
+
 @dataclass
 class PlacementConfig:
-    generators: ActorGroup = field(default_factory=ActorGroup, help="Generator actors.")
-    judges: ActorGroup = field(default_factory=ActorGroup, help="Judge actors.")
+    """Defaults fit a 2-core machine: stages run one after another, so actors share the cores."""
+
+    generators: ActorGroup = field(default_factory=_shared_cpu_group, help="Generator actors.")
+    judges: ActorGroup = field(default_factory=_shared_cpu_group, help="Judge actors.")
     trainer: ActorGroup = field(default_factory=ActorGroup, help="Ray Train workers (DeepSpeed ranks).")
     ray_address: Optional[str] = field(
         None, help="Ray cluster to join ('auto' inside `ray job submit`); None starts a local one."

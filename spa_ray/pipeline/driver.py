@@ -1,16 +1,54 @@
-"""The driver: Algorithm 1 of SPA over Ray actors (lands with the actor-system issue)."""
+"""The driver: Algorithm 1 of SPA, one stage at a time, over Ray actors.
+
+    pi_0 <- DPO(pi_init, D0)
+    for t in 1..T:
+        y1, y2 ~ pi_{t-1}(.|x) for x in X_t            generators
+        label the pair by Eq. 7-8 (pi_{t-1} vs pi_init)  judges
+        pi_t <- refined DPO from pi_{t-1} (Eq. 9-12)     Ray Train group
+        broadcast pi_t to generators and judges
+
+Every stage writes into the run directory under a temporary name and is recorded in the
+ledger when complete, so rerunning the same command resumes after the last finished
+stage. The stage bodies live in ``stages.py``; this file is only the order of things.
+"""
 
 from __future__ import annotations
 
+import sys
+
 from spa_ray.pipeline.config import SPAConfig
+from spa_ray.pipeline.stages import (
+    JudgeHealthError,
+    Run,
+    check_judge_health,
+    evaluate,
+    generate_responses,
+    label_pairs_by_implicit_reward,
+    prepare_data,
+    print_final_table,
+    train_policy,
+)
 
 
 def run_spa(config: SPAConfig) -> int:
-    print(
-        "spa-ray: the config resolved and validated "
-        f"(run dir {config.run_dir}, task {config.data.task}, {config.run.iterations} iterations).\n"
-        "The Ray pipeline (generators, judges, Ray Train DPO, weight broadcast) is not built yet: "
-        "it lands with the actor-system issue. The SPA math, the data layer and the embedded "
-        "task are in place and tested (see README)."
-    )
+    """Run (or resume) SPA as configured; returns the process exit code."""
+    with Run.open(config) as run:
+        data = prepare_data(run)                                  # splits, gold seed pairs D0, held-out gold pairs
+        evaluate(run, policy=run.pi_init, version=0, name="init")  # pi_init's samples: the win-rate baseline
+
+        pi_prev = train_policy(run, t=0, policy=run.pi_init, pairs=data.seed_pairs)  # pi_0 <- DPO(pi_init, D0)
+        evaluate(run, policy=pi_prev, version=1, name="pi_0")
+
+        for t in range(1, config.run.iterations + 1):
+            try:
+                check_judge_health(run, t, data)                  # stop instead of training on noise
+            except JudgeHealthError as exc:
+                print(f"spa-ray: {exc}", file=sys.stderr)
+                return 3
+            generations = generate_responses(run, t, prompts=data.iteration_prompts[t - 1])
+            pairs = label_pairs_by_implicit_reward(run, t, generations)
+            pi_prev = train_policy(run, t=t, policy=pi_prev, pairs=pairs)  # init = ref = pi_{t-1}
+            evaluate(run, policy=pi_prev, version=t + 1, name=f"pi_{t}")
+
+        print_final_table(run)
     return 0

@@ -1,0 +1,474 @@
+"""The stages of Algorithm 1, each one resumable unit of work in the run directory.
+
+A stage function first asks the ledger whether it already finished (then it only reads
+its output back), otherwise it does the work into a temporary folder that the run
+directory renames into place. Actors are created lazily and brought to the weights a
+stage needs (version numbers: pi_init = 0, pi_t = t + 1) before it runs, so a resumed
+run needs no special path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from spa_ray.pipeline.config import ConfigError, SPAConfig, config_to_dict
+from spa_ray.pipeline.run_dir import RunDirectory
+from spa_ray.pipeline.tables import read_json, read_parquet, write_json, write_parquet
+from spa_ray.pipeline.telemetry import Telemetry
+
+EVAL_SEED_OFFSET = 1_000      # every policy is evaluated with the same sampling seeds
+BASELINE_SEED_OFFSET = 2_000  # pi_init's baseline samples use other seeds than its own evaluation
+
+
+class JudgeHealthError(RuntimeError):
+    """The judge's accuracy on held-out gold pairs fell below the configured floor."""
+
+
+@dataclass
+class PreparedData:
+    seed_pairs: Path                  # token-level gold pairs D0 used for training
+    judge_holdout: Path               # gold pairs kept out of training for the health check
+    iteration_prompts: list[list[str]]
+    evaluation_prompts: list[str]
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """What every stage needs: config, run directory, task, pi_init, actors, telemetry."""
+
+    def __init__(self, config: SPAConfig):
+        from spa_ray.tasks.base import load_task
+
+        self.config = config
+        self.dir = RunDirectory(config.run.root, config.run.name)
+        self._check_config()
+        self.task = load_task(config.data.task, **config.data.task_kwargs)
+        self.pi_init = self._resolve_pi_init()
+        self.telemetry = Telemetry(self.dir, config.run.name)
+        self._actors: Any = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, config: SPAConfig) -> Iterator["Run"]:
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            ray.init(address=config.placement.ray_address, log_to_driver=True)
+            started = True
+        run = cls(config)
+        try:
+            yield run
+        finally:
+            run.telemetry.close()
+            if run._actors is not None:
+                run._actors.shutdown()
+            if started:
+                ray.shutdown()
+
+    def _check_config(self) -> None:
+        """A resumed run must use the config it started with (run.iterations may grow)."""
+        resolved = config_to_dict(self.config)
+        path = self.dir.path / "config.yaml"
+        if path.exists():
+            before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            diffs = _dict_diff(before, resolved, ignore={"run.iterations"})
+            if diffs:
+                raise ConfigError(
+                    f"{path}: the run was started with another config ({', '.join(diffs)} differ); "
+                    "resume with the same config or choose another run.name"
+                )
+        self.dir.write_text("config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    def _resolve_pi_init(self) -> str:
+        if self.config.model.name_or_path:
+            return self.config.model.name_or_path
+        default_model = getattr(self.task, "default_model", None)
+        if default_model is None:
+            raise ConfigError(f"model.name_or_path: required, task {self.config.data.task!r} has no default model")
+        return str(default_model())
+
+    def checkpoint(self, t: int) -> str:
+        return str(self.dir.path / "checkpoints" / f"pi_{t}")
+
+    @property
+    def actors(self):
+        if self._actors is None:
+            from spa_ray.pipeline.actor_system import ActorSystem
+
+            self._actors = ActorSystem(self.config, self.pi_init)
+        return self._actors
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "", ignore: set[str] = frozenset()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.", ignore)
+        return out
+    key = prefix.rstrip(".")
+    return [] if a == b or key in ignore else [key]
+
+
+# ------------------------------------------------------------------------- stages
+def prepare_data(run: Run) -> PreparedData:
+    """Prompt splits, the gold seed pairs D0 (tokenised) and the judge's held-out gold pairs."""
+    stage = "prepare"
+    if not run.dir.is_done(stage):
+        from spa_ray.models.loading import load_tokenizer
+        from spa_ray.training.pairs_table import tokenize_gold_pairs, write_pairs
+
+        config = run.config
+        splits = run.task.prompt_splits(seed=config.run.seed)
+        if len(splits.iterations) < config.run.iterations:
+            raise ConfigError(
+                f"run.iterations: {config.run.iterations} iterations need as many prompt sets; "
+                f"task {run.task.name!r} gives {len(splits.iterations)}"
+            )
+        pairs = run.task.seed_pairs(splits.seed, seed=config.run.seed)
+        n_holdout = int(round(config.data.judge_holdout_fraction * len(pairs)))
+        holdout, train = pairs[:n_holdout], pairs[n_holdout:]
+        tokenizer = load_tokenizer(run.pi_init, trust_remote_code=config.model.trust_remote_code)
+        limits = dict(max_prompt_len=config.model.max_prompt_len, max_total_len=config.model.max_total_len)
+        with run.dir.stage_dir(stage, "data", "prepare", seed_pairs=len(train), judge_holdout=len(holdout)) as out:
+            for name, subset in (("seed_pairs", train), ("judge_holdout", holdout)):
+                columns = tokenize_gold_pairs(tokenizer, [_as_record(p) for p in subset], **limits)
+                columns["gold_chosen"] = [p.chosen_score for p in subset]
+                columns["gold_rejected"] = [p.rejected_score for p in subset]
+                write_pairs(out / f"{name}.parquet", columns)
+            write_json(
+                out / "prompts.json",
+                {"iterations": splits.iterations, "evaluation": splits.evaluation, "seed": splits.seed},
+            )
+        run.telemetry.stage(stage, seed_pairs=len(train), judge_holdout=len(holdout))
+    folder = run.dir.path / "data" / "prepare"
+    prompts = read_json(folder / "prompts.json")
+    return PreparedData(
+        seed_pairs=folder / "seed_pairs.parquet",
+        judge_holdout=folder / "judge_holdout.parquet",
+        iteration_prompts=prompts["iterations"],
+        evaluation_prompts=prompts["evaluation"][: run.config.evaluation.num_prompts],
+    )
+
+
+def _as_record(pair: Any):
+    from spa_ray.data.records import PreferencePair
+
+    if isinstance(pair, PreferencePair):
+        return pair
+    return PreferencePair(
+        prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
+        chosen_score=pair.chosen_score, rejected_score=pair.rejected_score,
+    )
+
+
+def check_judge_health(run: Run, t: int, data: PreparedData) -> float:
+    """The judge (pi_{t-1} vs its reference) on gold pairs it never trained on."""
+    stage = f"health_{t}"
+    if run.dir.is_done(stage):
+        return float(run.dir.stage_info(stage)["accuracy"])
+    holdout = read_parquet(data.judge_holdout)
+    if not holdout["prompt_ids"]:
+        run.telemetry.stage(stage, accuracy=math.nan, note="no held-out gold pairs (data.judge_holdout_fraction=0)")
+        with run.dir.stage_dir(stage, "health", f"iter_{t}", accuracy=math.nan):
+            pass
+        return math.nan
+    rows = [
+        {"prompt_ids": p, "response_ids_1": c, "response_ids_2": r}
+        for p, c, r in zip(holdout["prompt_ids"], holdout["chosen_ids"], holdout["rejected_ids"])
+    ]
+    labels = _judge(run, t, rows)
+    accuracy = sum(0.5 if x["is_tie"] else float(x["first_is_chosen"]) for x in labels) / len(labels)
+    run.telemetry.stage(stage, judge_health=accuracy, iteration=t)
+    floor = run.config.judge.health_floor
+    if accuracy < floor:
+        raise JudgeHealthError(
+            f"iteration {t}: the judge (pi_{t - 1}) agrees with held-out gold labels on only "
+            f"{accuracy:.3f} of {len(rows)} pairs, below judge.health_floor={floor}. Self-labelling "
+            "would train on noise; stopping. Check the seed stage, or lower the floor knowingly."
+        )
+    with run.dir.stage_dir(stage, "health", f"iter_{t}", accuracy=accuracy) as out:
+        write_json(out / "health.json", {"accuracy": accuracy, "pairs": len(rows)})
+    return accuracy
+
+
+def generate_responses(run: Run, t: int, prompts: list[str]) -> Path:
+    """Two samples per prompt of X_t from pi_{t-1} (temperature 0.7, <= 300 new tokens)."""
+    stage = f"gen_{t}"
+    final = run.dir.path / "data" / f"iter_{t}" / "generations" / "generations.parquet"
+    if run.dir.is_done(stage):
+        return final
+    rows = _sample(run, version=t, path=_policy_path(run, t - 1), prompts=prompts, seed=run.config.run.seed * 100 + t)
+    with run.dir.stage_dir(stage, "data", f"iter_{t}", "generations", rows=len(rows)) as out:
+        write_parquet(out / "generations.parquet", _columns(rows))
+    run.telemetry.stage(stage, iteration=t, responses=len(rows))
+    return final
+
+
+def _policy_path(run: Run, t: int) -> str:
+    """pi_t's folder; pi_{-1} stands for pi_init."""
+    return run.pi_init if t < 0 else run.checkpoint(t)
+
+
+def _judge(run: Run, t: int, rows: list[dict]) -> list[dict]:
+    """Label rows with pi_{t-1} against the judge reference (pi_init, pi_{t-2}, or none)."""
+    return run.actors.label(t, _policy_path(run, t - 1), _policy_path(run, t - 2), rows)
+
+
+def _sample(run: Run, version: int, path: str, prompts: list[str], seed: int, n: int | None = None) -> list[dict]:
+    g = run.config.generation
+    sampling = {
+        "n": n or g.responses_per_prompt,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "max_new_tokens": g.max_new_tokens,
+        "seed": seed,
+    }
+    started = time.time()
+    rows = run.actors.generate(version, path, prompts, sampling)
+    seconds = max(time.time() - started, 1e-9)
+    tokens = sum(len(r["response_ids"]) for r in rows)
+    run.telemetry.gauge("tokens_per_second", tokens / seconds)
+    return rows
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys = [k for k in rows[0] if k != "raw_logprobs"] if rows else []
+    return {k: [r[k] for r in rows] for k in keys}
+
+
+def label_pairs_by_implicit_reward(run: Run, t: int, generations: Path) -> Path:
+    """D_t: each prompt's two samples ordered by r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8); ties dropped."""
+    stage = f"judge_{t}"
+    folder = run.dir.path / "data" / f"iter_{t}" / "pairs"
+    if run.dir.is_done(stage):
+        return folder / "pairs.parquet"
+    gen = read_parquet(generations)
+    by_prompt: dict[int, list[int]] = {}
+    for i, (p, s) in enumerate(zip(gen["prompt_index"], gen["sample_index"])):
+        by_prompt.setdefault(p, []).append(i)
+    order = [sorted(idx, key=lambda i: gen["sample_index"][i])[:2] for _, idx in sorted(by_prompt.items())]
+    rows = [
+        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b]}
+        for a, b in order
+    ]
+    started = time.time()
+    labels = _judge(run, t, rows)
+    run.telemetry.gauge("pairs_per_second", len(rows) / max(time.time() - started, 1e-9))
+
+    columns: dict[str, list] = {k: [] for k in (
+        "prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
+        "reward_chosen", "reward_rejected", "probability",
+    )}
+    ties = first_chosen = 0
+    for (a, b), label in zip(order, labels):
+        if label["is_tie"]:
+            ties += 1
+            continue
+        w, l = (a, b) if label["first_is_chosen"] else (b, a)
+        first_chosen += int(label["first_is_chosen"])
+        rw, rl = (label["reward_1"], label["reward_2"]) if label["first_is_chosen"] else (label["reward_2"], label["reward_1"])
+        columns["prompt"].append(gen["prompt"][a])
+        columns["chosen"].append(gen["text"][w])
+        columns["rejected"].append(gen["text"][l])
+        columns["prompt_ids"].append(gen["prompt_ids"][a])
+        columns["chosen_ids"].append(gen["response_ids"][w])
+        columns["rejected_ids"].append(gen["response_ids"][l])
+        columns["reward_chosen"].append(rw)
+        columns["reward_rejected"].append(rl)
+        columns["probability"].append(max(label["probability"], 1.0 - label["probability"]))
+    kept = len(columns["prompt"])
+    stats: dict[str, Any] = {"pairs": kept, "ties": ties, "label_balance": first_chosen / max(kept, 1)}
+    gold = _gold_scores(run, columns["prompt"], columns["chosen"], columns["rejected"])
+    if gold is not None:
+        columns["gold_chosen"], columns["gold_rejected"] = gold
+        decided = [(c, r) for c, r in zip(*gold) if c != r]
+        stats["gold_agreement"] = sum(c > r for c, r in decided) / max(len(decided), 1)
+        stats["gold_decided_pairs"] = len(decided)
+    with run.dir.stage_dir(stage, "data", f"iter_{t}", "pairs", **stats) as out:
+        from spa_ray.training.pairs_table import write_pairs
+
+        write_pairs(out / "pairs.parquet", columns)
+    run.telemetry.stage(stage, iteration=t, **stats)
+    return folder / "pairs.parquet"
+
+
+def _gold_scores(run: Run, prompts: list[str], *responses: list[str]) -> tuple[list[float], ...] | None:
+    """Gold scores for the record (never used for training); None for tasks without a gold judge."""
+    try:
+        return tuple(run.task.score_many(prompts, r) for r in responses)
+    except NotImplementedError:
+        return None
+
+
+def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
+    """t = 0: DPO on the seed (3 epochs). t >= 1: refined DPO (Eq. 9-12), init = ref = pi_{t-1}."""
+    from spa_ray.objectives.noise_detection import lambda_for_iteration
+    from spa_ray.training.ray_trainer import run_train_stage
+    from spa_ray.training.worker import TrainStageSpec
+
+    stage = f"train_{t}"
+    if run.dir.is_done(stage):
+        return run.checkpoint(t)
+    cfg = run.config.training
+    refine = t >= 1 and cfg.self_refine
+    lam = lambda_for_iteration(t, first=cfg.lambda_first) if (refine and cfg.decoupled_noise_detection) else 0.0
+    with run.dir.stage_dir(stage, "checkpoints", f"pi_{t}") as out:
+        spec = TrainStageSpec(
+            stage=stage,
+            policy_path=str(policy),
+            reference_path=str(policy),
+            pairs_path=str(pairs),
+            output_dir=str(out),
+            epochs=cfg.seed_epochs if t == 0 else cfg.iteration_epochs,
+            refine=refine,
+            lam=lam,
+            seed=run.config.run.seed * 100 + t,
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            k_percent=cfg.k_percent,
+            confidence_window=cfg.confidence_window,
+            denoise_warmup=cfg.denoise_warmup,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            warmup_ratio=cfg.warmup_ratio,
+            global_batch_size=cfg.global_batch_size,
+            micro_batch_size=cfg.micro_batch_size,
+            max_grad_norm=cfg.max_grad_norm,
+            zero_stage=cfg.zero_stage,
+            dtype=run.config.model.dtype,
+            noise_chunk_size=cfg.noise_chunk_size,
+            checkpoint_every=cfg.checkpoint_every,
+            trust_remote_code=run.config.model.trust_remote_code,
+        )
+        started = time.time()
+        run_train_stage(spec, run.config.placement.trainer, run.dir.path / "ray_train")
+        log = [_json_line(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        for record in log:
+            run.telemetry.train_step(stage, record)
+        flagged = _flag_quality(out, pairs)
+    run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=refine, lam=lam, **flagged)
+    return run.checkpoint(t)
+
+
+def _json_line(line: str) -> dict:
+    import json
+
+    return json.loads(line)
+
+
+def _flag_quality(checkpoint: Path, pairs: Path) -> dict[str, float]:
+    """How many flagged pairs (z = 1) were really mislabelled by the judge (needs gold scores)."""
+    flags_path = checkpoint / "noise_flags.parquet"
+    if not flags_path.exists():
+        return {}
+    flags = read_parquet(flags_path)
+    table = read_parquet(pairs)
+    out = {"noise_flag_rate": sum(flags["z"]) / max(len(flags["z"]), 1)}
+    if "gold_chosen" in table:
+        wrong = [table["gold_chosen"][i] < table["gold_rejected"][i] for i in flags["pair_index"]]
+        flagged = [w for w, z in zip(wrong, flags["z"]) if z]
+        unflagged = [w for w, z in zip(wrong, flags["z"]) if not z]
+        if flagged:
+            out["flagged_mislabelled"] = sum(flagged) / len(flagged)
+        if unflagged:
+            out["unflagged_mislabelled"] = sum(unflagged) / len(unflagged)
+    return out
+
+
+def evaluate(run: Run, policy: str, version: int, name: str) -> dict[str, float]:
+    """Held-out prompts: gold win rate vs pi_init (ties half), LC win rate, mean length."""
+    from spa_ray.evaluation.alpaca_eval import write_alpaca_eval_outputs
+    from spa_ray.evaluation.win_rates import gold_win_rate, length_controlled_win_rate, mean_length
+
+    stage = f"eval_{name}"
+    if run.dir.is_done(stage):
+        return read_json(run.dir.path / "eval" / name / "summary.json")
+    prompts = read_json(run.dir.path / "data" / "prepare" / "prompts.json")["evaluation"][: run.config.evaluation.num_prompts]
+    n = run.config.evaluation.samples_per_prompt
+    seed = run.config.run.seed
+    if name == "init" and not run.dir.is_done("eval_baseline"):
+        baseline = _sample(run, version, policy, prompts, seed=seed + BASELINE_SEED_OFFSET, n=n)
+        baseline_scores = _gold_scores(run, [r["prompt"] for r in baseline], [r["text"] for r in baseline])
+        with run.dir.stage_dir("eval_baseline", "eval", "baseline") as out:
+            cols = _columns(baseline)
+            if baseline_scores is not None:
+                cols["gold"] = baseline_scores[0]
+            write_parquet(out / "samples.parquet", cols)
+    rows = _sample(run, version, policy, prompts, seed=seed + EVAL_SEED_OFFSET, n=n)
+    summary: dict[str, float] = {"mean_length": mean_length([len(r["response_ids"]) for r in rows])}
+    scores = _gold_scores(run, [r["prompt"] for r in rows], [r["text"] for r in rows])
+    base = read_parquet(run.dir.path / "eval" / "baseline" / "samples.parquet")
+    if scores is not None and "gold" in base:
+        mine = scores[0]
+        summary["gold_score"] = sum(mine) / len(mine)
+        summary["win_rate"] = gold_win_rate(mine, base["gold"])
+        summary["lc_win_rate"] = length_controlled_win_rate(
+            mine, base["gold"], [len(r["response_ids"]) for r in rows], [len(x) for x in base["response_ids"]]
+        )
+    with run.dir.stage_dir(stage, "eval", name, **summary) as out:
+        cols = _columns(rows)
+        if scores is not None:
+            cols["gold"] = scores[0]
+        write_parquet(out / "samples.parquet", cols)
+        write_json(out / "summary.json", summary)
+        if run.config.evaluation.alpaca_eval_json:
+            write_alpaca_eval_outputs(
+                out / "alpaca_eval.json", [r["prompt"] for r in rows], [r["text"] for r in rows],
+                generator=f"{run.config.run.name}/{name}",
+            )
+    run.telemetry.stage(stage, **summary)
+    return summary
+
+
+# -------------------------------------------------------------------------- report
+def results_table(run: Run) -> list[dict[str, Any]]:
+    rows = []
+    names = ["init", "pi_0"] + [f"pi_{t}" for t in range(1, run.config.run.iterations + 1)]
+    labels = {"init": "SFT (pi_init)", "pi_0": "seed DPO (pi_0)"}
+    for name in names:
+        if not run.dir.is_done(f"eval_{name}"):
+            continue
+        summary = read_json(run.dir.path / "eval" / name / "summary.json")
+        row = {"stage": labels.get(name, f"SPA iteration {name[3:]} ({name})"), **summary}
+        if name.startswith("pi_") and name != "pi_0":
+            t = int(name[3:])
+            if run.dir.is_done(f"judge_{t}"):
+                info = run.dir.stage_info(f"judge_{t}")
+                row["label_agreement"] = info.get("gold_agreement", math.nan)
+                row["ties"] = info.get("ties", 0)
+            if run.dir.is_done(f"health_{t}"):
+                row["judge_health"] = run.dir.stage_info(f"health_{t}").get("accuracy", math.nan)
+        rows.append(row)
+    return rows
+
+
+def print_final_table(run: Run) -> None:
+    rows = results_table(run)
+    cols = [("stage", "stage", "{}"), ("win_rate", "gold win rate", "{:.3f}"), ("lc_win_rate", "LC win rate", "{:.3f}"),
+            ("mean_length", "length", "{:.1f}"), ("label_agreement", "label agreement", "{:.3f}"),
+            ("judge_health", "judge health", "{:.3f}")]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in cols:
+            value = row.get(key)
+            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    run.dir.write_text("results.md", f"# {run.config.run.name}\n\n{table}\n")
+    run.telemetry.plots(rows)
+    print(f"\nspa-ray: run {run.dir.path}\n{table}\n")
+
+
+__all__ = [
+    "JudgeHealthError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
+    "label_pairs_by_implicit_reward", "prepare_data", "print_final_table", "results_table", "train_policy",
+]
