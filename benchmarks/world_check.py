@@ -1,0 +1,343 @@
+"""Acceptance check of the embedded world (docs/world.md): does SPA's premise hold?
+
+For each data seed:
+1. pi_0 = DPO(pi_init, gold seed pairs D0 = 3.3% of the prompt space), 3 epochs.
+2. Judge: pi_0 samples two responses (temperature 0.7) for iteration-1 prompts; label each
+   pair by pi_0's implicit reward against pi_init (SPA Eq. 7-8); agreement with the gold
+   judge on pairs where gold is not tied (judge ties count half).
+3. Room: DPO on 100% of the gold pairs (every non-evaluation prompt, 1 epoch) vs DPO on
+   3.3%: gold win rate over pi_init on the evaluation prompts (ties half), raw and
+   length-controlled (logistic regression of the outcome on the length difference,
+   read at zero difference).
+4. Length confound: among gold-labelled pairs of pi_init's own samples (temperature 0.7)
+   with different lengths, the share the longer response wins.
+
+    python benchmarks/world_check.py --seeds 0 1 2           # the full check (~10 min/seed on 2 cores)
+    python benchmarks/world_check.py --seeds 0 --skip-full   # judge + seed DPO only
+
+Writes runs/world_check/<stamp>/{results.json,results.csv} and prints a table.
+Models are loaded only through ``from_pretrained`` on the cached build folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spa_ray.objectives.dpo import dpo_loss, dpo_margin  # noqa: E402
+from spa_ray.objectives.logprobs import sequence_logprobs  # noqa: E402
+from spa_ray.tasks.embedded import EmbeddedTask  # noqa: E402
+from spa_ray.tasks.embedded.build import build_embedded_model, prompt_ids, response_ids  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ tokenised rows
+def encode(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    return prompt_ids(tok, prompt), response_ids(tok, response)
+
+
+def collate(rows, pad_id):
+    """rows: list of (prompt_ids, response_ids) -> right-padded ids, attention, response masks."""
+    T = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    am = torch.zeros((len(rows), T), dtype=torch.long)
+    rm = torch.zeros((len(rows), T), dtype=torch.bool)
+    for b, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[b, :n] = torch.tensor(p + r)
+        am[b, :n] = 1
+        rm[b, len(p) : n] = True
+    return ids, am, rm
+
+
+def seq_logps(model, rows, pad_id, batch=128, grad=False):
+    out = []
+    for i in range(0, len(rows), batch):
+        ids, am, rm = collate(rows[i : i + batch], pad_id)
+        with torch.set_grad_enabled(grad):
+            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+            out.append(sequence_logprobs(logits, ids, rm))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------- DPO
+def dpo_train(policy, reference, tok, pairs, epochs, lr, beta, batch, seed, tag):
+    """Plain DPO (Eq. 5-6) with the shared objectives; AdamW, cosine with 10% warm-up."""
+    rng = random.Random(seed)
+    pad = tok.pad_token_id
+    enc = [(encode(tok, p.prompt, p.chosen), encode(tok, p.prompt, p.rejected)) for p in pairs]
+    steps_per_epoch = math.ceil(len(enc) / batch)
+    total = steps_per_epoch * epochs
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, int(0.1 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+    )
+    reference.eval()
+    policy.train()
+    t0, step, accs, losses = time.time(), 0, [], []
+    for ep in range(epochs):
+        order = list(range(len(enc)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch):
+            b = [enc[j] for j in order[i : i + batch]]
+            rows = [c for c, _ in b] + [r for _, r in b]
+            ids, am, rm = collate(rows, pad)
+            with torch.no_grad():
+                ref = sequence_logprobs(reference(input_ids=ids, attention_mask=am, use_cache=False).logits, ids, rm)
+            pol = sequence_logprobs(policy(input_ids=ids, attention_mask=am, use_cache=False).logits, ids, rm)
+            n = len(b)
+            m = dpo_margin(pol[:n], pol[n:], ref[:n], ref[n:], beta)
+            loss = dpo_loss(m).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(float(loss.detach()))
+            accs.append(float((m.detach() > 0).float().mean()))
+            if step % max(1, total // 5) == 0 or step == total:
+                k = max(1, steps_per_epoch // 4)
+                log(f"  {tag} step {step}/{total} loss {sum(losses[-k:]) / len(losses[-k:]):.3f} "
+                    f"acc {sum(accs[-k:]) / len(accs[-k:]):.2f} ({time.time() - t0:.0f}s)")
+    policy.eval()
+    return {"steps": total, "seconds": time.time() - t0, "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+# -------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=128):
+    """n samples per prompt (index i*n+j), left-padded transformers generate."""
+    torch.manual_seed(seed)
+    rows = [p for p in prompts for _ in range(n)]
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        enc = [prompt_ids(tok, p) for p in chunk]
+        T = max(map(len, enc))
+        ids = torch.tensor([[tok.pad_token_id] * (T - len(x)) + x for x in enc])
+        am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in enc])
+        gen = model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=temperature, top_k=0,
+                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        for row in gen[:, T:]:
+            out.append(tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+# ------------------------------------------------------------------ measurements
+def judge_agreement(task, pi0, init, tok, prompts, beta, seed):
+    """pi_0 samples 2/prompt; Eq. 7-8 labels vs gold on gold-non-tied pairs."""
+    samples = sample(pi0, tok, prompts, 2, 0.7, seed)
+    rows = [encode(tok, p, s) for p, s in zip([p for p in prompts for _ in range(2)], samples)]
+    lp0 = seq_logps(pi0, rows, tok.pad_token_id)
+    lpi = seq_logps(init, rows, tok.pad_token_id)
+    r = beta * (lp0 - lpi)
+    agree = n = judge_ties = identical = 0
+    by_kind: dict[str, list[float]] = {}
+    for i, p in enumerate(prompts):
+        a, b = samples[2 * i], samples[2 * i + 1]
+        ga, gb = task.score(p, a), task.score(p, b)
+        if a == b:
+            identical += 1
+        if ga == gb:
+            continue
+        n += 1
+        ra, rb = float(r[2 * i]), float(r[2 * i + 1])
+        hit = 0.5 if ra == rb else float((ra > rb) == (ga > gb))
+        judge_ties += ra == rb
+        agree += hit
+        by_kind.setdefault(task.world.spec(p).kind, []).append(hit)
+    mean_gold = sum(task.score(p, s) for p, s in zip([p for p in prompts for _ in range(2)], samples)) / len(samples)
+    return {"agreement": agree / max(1, n), "pairs_gold_not_tied": n, "pairs": len(prompts),
+            "judge_ties": judge_ties, "identical_pairs": identical, "pi0_sample_mean_gold": mean_gold,
+            "agreement_by_family": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_kind.items())}}
+
+
+def heldout_pair_accuracy(task, pi0, init, tok, pairs, beta):
+    rows_c = [encode(tok, p.prompt, p.chosen) for p in pairs]
+    rows_r = [encode(tok, p.prompt, p.rejected) for p in pairs]
+    rc = beta * (seq_logps(pi0, rows_c, tok.pad_token_id) - seq_logps(init, rows_c, tok.pad_token_id))
+    rr = beta * (seq_logps(pi0, rows_r, tok.pad_token_id) - seq_logps(init, rows_r, tok.pad_token_id))
+    return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+
+
+def length_confound(task, prompts, samples):
+    """Pairs of samples (2 per prompt) with different word counts and different gold: longer-wins share."""
+    longer = shorter = 0
+    for i, p in enumerate(prompts):
+        a, b = samples[2 * i], samples[2 * i + 1]
+        ga, gb = task.score(p, a), task.score(p, b)
+        la, lb = len(a.split()), len(b.split())
+        if ga == gb or la == lb:
+            continue
+        if (la > lb) == (ga > gb):
+            longer += 1
+        else:
+            shorter += 1
+    return {"longer_wins": longer / max(1, longer + shorter), "pairs": longer + shorter}
+
+
+def win_rates(task, prompts, policy_samples, ref_samples, n):
+    """Gold win rate (ties half) of policy vs pi_init samples, sample j vs sample j; LC win rate."""
+    outcomes, dlen = [], []
+    for i, p in enumerate(prompts):
+        for j in range(n):
+            a, b = policy_samples[i * n + j], ref_samples[i * n + j]
+            ga, gb = task.score(p, a), task.score(p, b)
+            outcomes.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
+            dlen.append(len(a.split()) - len(b.split()))
+    wr = sum(outcomes) / len(outcomes)
+    se = (sum((o - wr) ** 2 for o in outcomes) / len(outcomes)) ** 0.5 / len(outcomes) ** 0.5
+    return {"win_rate": wr, "win_rate_se": se, "lc_win_rate": lc_win_rate(outcomes, dlen),
+            "mean_gold": sum(task.score(p, s) for p, s in zip([p for p in prompts for _ in range(n)], policy_samples))
+            / len(policy_samples),
+            "mean_len_diff": sum(dlen) / len(dlen)}
+
+
+def lc_win_rate(outcomes, dlen, iters=50):
+    """Logistic regression outcome ~ a + b * length_diff (soft targets, ties = 0.5); returns sigma(a)."""
+    y = torch.tensor(outcomes, dtype=torch.float64)
+    x = torch.tensor(dlen, dtype=torch.float64)
+    scale = float(x.abs().max()) or 1.0
+    X = torch.stack([torch.ones_like(x), x / scale], 1)
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(iters):  # Newton's method with a tiny ridge
+        p = torch.sigmoid(X @ w)
+        g = X.T @ (p - y) + 1e-6 * w
+        H = (X * (p * (1 - p)).unsqueeze(1)).T @ X + 1e-6 * torch.eye(2, dtype=torch.float64)
+        w = w - torch.linalg.solve(H, g)
+    return float(torch.sigmoid(w[0]))
+
+
+# ------------------------------------------------------------------------ main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--full-lr", type=float, default=None, help="lr of DPO on 100%% (default: --lr)")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed-epochs", type=int, default=3)
+    ap.add_argument("--full-epochs", type=int, default=1)
+    ap.add_argument("--judge-prompts", type=int, default=1000, help="iteration-1 prompts for the agreement check")
+    ap.add_argument("--eval-prompts", type=int, default=500)
+    ap.add_argument("--eval-samples", type=int, default=2, help="samples per evaluation prompt")
+    ap.add_argument("--full-fraction", type=float, default=1.0, help="share of the non-eval prompts for 'DPO 100%%'")
+    ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task = EmbeddedTask()
+    t0 = time.time()
+    path = build_embedded_model(args.cache_dir, task=task)
+    build_info = json.loads((Path(path).parent / "build.json").read_text())
+    log(f"pi_init: {path} (built in {build_info['timings']['total_s']:.0f}s; reuse took {time.time() - t0:.1f}s)")
+    tok = AutoTokenizer.from_pretrained(path)
+    init = AutoModelForCausalLM.from_pretrained(path).eval()
+    out_dir = Path(args.out or f"runs/world_check/{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in args.seeds:
+        ts = time.time()
+        torch.manual_seed(seed)
+        splits = task.prompt_splits(seed)
+        eval_prompts = splits.evaluation[: args.eval_prompts]
+        res = {"seed": seed}
+        seed_pairs = task.seed_pairs(splits.seed, seed)
+        res["n_seed_pairs"] = len(seed_pairs)
+        log(f"seed {seed}: {len(seed_pairs)} seed pairs")
+        # pi_init's own samples: reference for win rates, and the length-confound check
+        ref_samples = sample(init, tok, eval_prompts, args.eval_samples, 0.7, 10_000 + seed)
+        res["length_confound_sft"] = length_confound(task, eval_prompts, ref_samples) if args.eval_samples == 2 else None
+        sft_again = sample(init, tok, eval_prompts, args.eval_samples, 0.7, 20_000 + seed)
+        res["sft"] = win_rates(task, eval_prompts, sft_again, ref_samples, args.eval_samples)
+        # held-out gold pairs (demo distribution) for the judge's accuracy
+        held = task.seed_pairs(eval_prompts, seed + 1000)
+        # DPO on 3.3%
+        pi0 = AutoModelForCausalLM.from_pretrained(path)
+        res["dpo_seed_train"] = dpo_train(pi0, init, tok, seed_pairs, args.seed_epochs, args.lr, args.beta,
+                                          args.batch, seed, "dpo 3.3%")
+        res["judge"] = judge_agreement(task, pi0, init, tok, splits.iterations[0][: args.judge_prompts], args.beta,
+                                       30_000 + seed)
+        res["judge"]["heldout_gold_pair_accuracy"] = heldout_pair_accuracy(task, pi0, init, tok, held, args.beta)
+        log(f"  judge: {res['judge']}")
+        s = sample(pi0, tok, eval_prompts, args.eval_samples, 0.7, 40_000 + seed)
+        res["dpo_seed"] = win_rates(task, eval_prompts, s, ref_samples, args.eval_samples)
+        res["examples"] = [{"prompt": p, "pi_init": ref_samples[i * args.eval_samples], "pi_0": s[i * args.eval_samples]}
+                           for i, p in enumerate(eval_prompts[:12])]
+        log(f"  dpo 3.3%: {res['dpo_seed']}")
+        del pi0
+        if not args.skip_full:
+            train_prompts = task.training_prompts(seed)
+            if args.full_fraction < 1.0:
+                train_prompts = train_prompts[: int(args.full_fraction * len(train_prompts))]
+            full_pairs = task.seed_pairs(train_prompts, seed)
+            res["n_full_pairs"] = len(full_pairs)
+            pif = AutoModelForCausalLM.from_pretrained(path)
+            res["dpo_full_train"] = dpo_train(pif, init, tok, full_pairs, args.full_epochs, args.full_lr or args.lr,
+                                              args.beta, args.batch, seed, "dpo 100%")
+            s = sample(pif, tok, eval_prompts, args.eval_samples, 0.7, 50_000 + seed)
+            res["dpo_full"] = win_rates(task, eval_prompts, s, ref_samples, args.eval_samples)
+            res["dpo_full"]["heldout_gold_pair_accuracy"] = heldout_pair_accuracy(task, pif, init, tok, held,
+                                                                                  args.beta)
+            log(f"  dpo 100%: {res['dpo_full']}")
+            res["room"] = res["dpo_full"]["win_rate"] - res["dpo_seed"]["win_rate"]
+            del pif
+        res["seconds"] = time.time() - ts
+        results.append(res)
+        (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "build": build_info,
+                                                          "results": results}, indent=2))
+    # table
+    cols = ["seed", "judge_agreement", "heldout_acc", "longer_wins_sft", "sft_wr", "dpo3_wr", "dpo3_lc",
+            "dpo100_wr", "dpo100_lc", "room", "seconds"]
+    table = []
+    for r in results:
+        table.append({
+            "seed": r["seed"],
+            "judge_agreement": r["judge"]["agreement"],
+            "heldout_acc": r["judge"]["heldout_gold_pair_accuracy"],
+            "longer_wins_sft": (r["length_confound_sft"] or {}).get("longer_wins", float("nan")),
+            "sft_wr": r["sft"]["win_rate"],
+            "dpo3_wr": r["dpo_seed"]["win_rate"],
+            "dpo3_lc": r["dpo_seed"]["lc_win_rate"],
+            "dpo100_wr": r.get("dpo_full", {}).get("win_rate", float("nan")),
+            "dpo100_lc": r.get("dpo_full", {}).get("lc_win_rate", float("nan")),
+            "room": r.get("room", float("nan")),
+            "seconds": r["seconds"],
+        })
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(table)
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in table:
+        print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    if len(table) > 1:
+        mean = {c: sum(r[c] for r in table) / len(table) for c in cols[1:]}
+        print("| mean | " + " | ".join(f"{mean[c]:.3f}" for c in cols[1:]) + " |")
+    print(f"\nwrote {out_dir}/results.json and results.csv")
+
+
+if __name__ == "__main__":
+    main()

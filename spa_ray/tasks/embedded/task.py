@@ -1,0 +1,138 @@
+"""`EmbeddedTask`: the bundled task (``spa_ray.tasks.embedded:EmbeddedTask``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..base import Demonstration, PreferencePair, PromptSplits, Task
+from .world import DemoQuality, World, _rng
+
+__all__ = ["EmbeddedTask"]
+
+
+class EmbeddedTask(Task):
+    """A made-up knowledge-base world with a gold judge of five independent qualities.
+
+    Sizes follow the paper's proportions: the prompt space (~35K distinct prompts) plays
+    UltraFeedback's 60K; the seed set is ``seed_fraction`` (3.3%) of it, ~1.15K gold pairs.
+    Iteration sets default to sizes that keep the embedded default run near 15 minutes
+    on 2 CPU cores.
+    """
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        world_seed: int = 0,
+        per_category: int = 24,
+        seed_fraction: float = 0.033,
+        n_iterations: Sequence[int] = (1000, 2000),
+        n_evaluation: int = 500,
+        n_sft: int = 24000,
+        quality: dict[str, float] | None = None,
+    ) -> None:
+        if not 0 < seed_fraction < 1:
+            raise ValueError(f"seed_fraction must be in (0, 1), got {seed_fraction}")
+        self.world = World(world_seed, per_category, DemoQuality(**(quality or {})))
+        self.world_seed = world_seed
+        self.seed_fraction = seed_fraction
+        self.default_iterations = [int(n) for n in n_iterations]
+        self.default_evaluation = int(n_evaluation)
+        self.n_sft = int(n_sft)
+
+    # ----------------------------------------------------------------- Task API
+    def all_prompts(self) -> list[str]:
+        return self.world.all_prompts()
+
+    def prompt_splits(
+        self,
+        seed: int = 0,
+        n_seed: int | None = None,
+        n_iterations: Sequence[int] | None = None,
+        n_evaluation: int | None = None,
+    ) -> PromptSplits:
+        prompts = self.world.all_prompts()
+        total = len(prompts)
+        n_seed = round(self.seed_fraction * total) if n_seed is None else int(n_seed)
+        n_its = self.default_iterations if n_iterations is None else [int(n) for n in n_iterations]
+        n_eval = self.default_evaluation if n_evaluation is None else int(n_evaluation)
+        need = n_seed + n_eval + sum(n_its)
+        if min([n_seed, n_eval, *n_its]) < 0 or need > total:
+            raise ValueError(f"split sizes seed={n_seed} iterations={n_its} evaluation={n_eval} need {need} "
+                             f"prompts; the world has {total}")
+        order = self._permutation(seed)
+        seed_set = order[:n_seed]
+        evaluation = order[n_seed : n_seed + n_eval]
+        pos = n_seed + n_eval
+        its = []
+        for n in n_its:
+            its.append(order[pos : pos + n])
+            pos += n
+        return PromptSplits(seed=seed_set, iterations=its, evaluation=evaluation, data_seed=seed)
+
+    def training_prompts(self, seed: int = 0, n_evaluation: int | None = None) -> list[str]:
+        """Every prompt except the evaluation set of ``seed``: the "100%" gold-label budget."""
+        n_eval = self.default_evaluation if n_evaluation is None else int(n_evaluation)
+        order = self._permutation(seed)
+        n_seed = round(self.seed_fraction * len(order))
+        return order[:n_seed] + order[n_seed + n_eval :]
+
+    def _permutation(self, seed: int) -> list[str]:
+        order = self.world.all_prompts()
+        _rng("splits", self.world_seed, seed).shuffle(order)
+        return order
+
+    def seed_pairs(self, prompts: Sequence[str], seed: int = 0) -> list[PreferencePair]:
+        pairs = []
+        for p in prompts:
+            pair = self.sample_pair(p, _rng("pair", self.world_seed, seed, p))
+            if pair is not None:
+                pairs.append(pair)
+        return pairs
+
+    def sample_pair(self, prompt: str, rng, max_tries: int = 20) -> PreferencePair | None:
+        """Two demonstration-distribution responses with different gold scores, ordered."""
+        a, _ = self.world.sample_response(prompt, rng)
+        sa = self.score(prompt, a)
+        for _ in range(max_tries):
+            b, _ = self.world.sample_response(prompt, rng)
+            sb = self.score(prompt, b)
+            if sb != sa:
+                if sa > sb:
+                    return PreferencePair(prompt, a, b, sa, sb)
+                return PreferencePair(prompt, b, a, sb, sa)
+        return None
+
+    def score(self, prompt: str, response: str) -> float:
+        return self.world.gold_score(prompt, response)
+
+    def quality_scores(self, prompt: str, response: str) -> dict[str, float]:
+        return self.world.quality_scores(prompt, response)
+
+    def sft_demonstrations(self, n: int | None = None, seed: int = 0) -> list[Demonstration]:
+        n = self.n_sft if n is None else int(n)
+        rng = _rng("sft", self.world_seed, seed)
+        prompts = self.world.all_prompts()
+        out = []
+        for _ in range(n):
+            p = rng.choice(prompts)
+            r, flags = self.world.sample_response(p, rng)
+            out.append(Demonstration(p, r, {"corrupted": [k for k, v in flags.items() if v]}))
+        return out
+
+    def pretraining_corpus(self, n: int | None = None, seed: int = 0) -> Iterator[str]:
+        return self.world.corpus_documents(120_000 if n is None else int(n), seed)
+
+    def default_model(self, cache_dir: str | Path | None = None, **kwargs: Any) -> str:
+        """Folder of the task's tiny SFT model (pi_init), built and cached on first use."""
+        from .build import build_embedded_model
+
+        return str(build_embedded_model(cache_dir=cache_dir, task=self, **kwargs))
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(world_seed=self.world_seed, n_prompts=len(self.world.specs), seed_fraction=self.seed_fraction,
+                 quality=self.world.quality.as_dict())
+        return d
