@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+from tqdm.auto import tqdm
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from spa_ray.actors.base import StaleWeightsError
@@ -67,6 +68,8 @@ class ShardedActors:
         max_restarts, max_task_retries: Ray's actor fault-tolerance options.
         max_shard_attempts: pool-level attempts per shard after Ray's own retries.
         health_timeout_s: how long to wait for an actor's answer when looking for a live one.
+        shards_per_actor: shards per actor in map_shards (progress granularity, balance).
+        progress: show a tqdm bar per map_shards call.
     """
 
     def __init__(
@@ -79,12 +82,16 @@ class ShardedActors:
         max_task_retries: int = 2,
         max_shard_attempts: int = 3,
         health_timeout_s: float = 300.0,
+        shards_per_actor: int = 4,
+        progress: bool = True,
     ):
         self.actor_cls = actor_cls
         self.group = group
         self.init_kwargs = dict(init_kwargs)
         self.name = name
         self.max_shard_attempts = int(max_shard_attempts)
+        self.shards_per_actor = int(shards_per_actor)
+        self.progress = bool(progress)
         self.health_timeout_s = float(health_timeout_s)
         path = self.init_kwargs.get("model_path", self.init_kwargs.get("policy_path"))
         self.state: dict[str, Any] = {
@@ -222,7 +229,8 @@ class ShardedActors:
         for k, v in per_item.items():
             if len(v) != len(items):
                 raise ValueError(f"shard_kwargs[{k!r}] has {len(v)} entries for {len(items)} items")
-        shards = contiguous_shards(len(items), len(self.actors))
+        # Several shards per actor: finer progress, and a fast actor is not idle while a slow one works.
+        shards = contiguous_shards(len(items), len(self.actors) * max(1, self.shards_per_actor))
         results: list[list | None] = [None] * len(shards)
         pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (shard, actor, attempt)
 
@@ -237,10 +245,11 @@ class ShardedActors:
 
         for k, (start, stop) in enumerate(shards):
             if stop > start:
-                call(k, k, 1)
+                call(k, k % len(self.actors), 1)
             else:
                 results[k] = []
         died: set[int] = set()
+        progress = tqdm(total=len(items), desc=f"{self.name}.{method}", unit="item", disable=not self.progress)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
@@ -264,6 +273,8 @@ class ShardedActors:
             if not isinstance(out, list):
                 raise TypeError(f"{self.labels[actor]}.{method} returned {type(out).__name__}, expected a list")
             results[k] = out
+            progress.update(shards[k][1] - shards[k][0])
+        progress.close()
         for k in sorted(died):  # bring restarted actors back to the current weights now
             self._resync_one(k)
         return [x for part in results for x in part]

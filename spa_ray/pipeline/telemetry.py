@@ -8,10 +8,12 @@ TensorBoard are live views of the same numbers.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 from spa_ray.pipeline.run_dir import RunDirectory
 
+REPUBLISH_SECONDS = 5.0
 _GAUGES = {
     "stage_progress": "Finished stages of the run",
     "tokens_per_second": "Generated tokens per second in the last generation call",
@@ -31,6 +33,10 @@ class Telemetry:
         run_path = run_dir.path
         self.run_name = run_name
         self._gauges: dict[str, Any] = {}
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._republisher: threading.Thread | None = None
         self._finished = 0
         self._tb = None
         try:
@@ -44,16 +50,31 @@ class Telemetry:
     def gauge(self, name: str, value: float) -> None:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
+        with self._lock:
+            self._last[name] = float(value)
+        self._publish(name, float(value))
+        if self._republisher is None:
+            # Ray exports a gauge only in the interval it was set in; re-set the last values
+            # so a stage's numbers stay on the dashboard while the next stage runs.
+            self._republisher = threading.Thread(target=self._republish, daemon=True, name="spa-metrics")
+            self._republisher.start()
+
+    def _publish(self, name: str, value: float) -> None:
         try:
             from ray.util.metrics import Gauge
 
             if name not in self._gauges:
-                self._gauges[name] = Gauge(
-                    f"spa_{name}", description=_GAUGES.get(name, name), tag_keys=("run",)
-                )
-            self._gauges[name].set(float(value), tags={"run": self.run_name})
-        except Exception:
+                self._gauges[name] = Gauge(f"spa_{name}", description=_GAUGES.get(name, name), tag_keys=("run",))
+            self._gauges[name].set(value, tags={"run": self.run_name})
+        except Exception:  # metrics are a view; the run never depends on them
             pass
+
+    def _republish(self) -> None:
+        while not self._closed.wait(REPUBLISH_SECONDS):
+            with self._lock:
+                last = dict(self._last)
+            for name, value in last.items():
+                self._publish(name, value)
 
     def stage(self, stage: str, **values: Any) -> None:
         self._finished += 1
@@ -116,5 +137,6 @@ class Telemetry:
         plt.close(fig)
 
     def close(self) -> None:
+        self._closed.set()
         if self._tb is not None:
             self._tb.close()

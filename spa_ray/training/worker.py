@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from spa_ray.objectives.confidence_window import ConfidenceWindow
 from spa_ray.objectives.distributed import all_gather_1d
@@ -186,6 +187,9 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     log_path = Path(spec.output_dir) / "train_log.jsonl"
     flags_rows: list[tuple[int, int, float, float]] = []  # (pair index, epoch, confidence, z)
     engine.train()
+    progress = tqdm(
+        total=plan.total_steps, initial=start_step, desc=spec.stage, unit="step", disable=rank != 0, mininterval=2.0
+    )
     for step in range(start_step, plan.total_steps):
         t0 = time.time()
         if step == spec.fail_at_step and rank == world - 1:
@@ -227,6 +231,8 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                     flags_rows.append((i, epoch, float(c), float(z)))
         stats = {k: sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
         stats.update(step=step, lr=float(scheduler.get_last_lr()[0]), step_seconds=time.time() - t0)
+        progress.update(1)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"stage": spec.stage, **stats}) + "\n")
@@ -238,6 +244,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                 torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
                 ray.train.report(stats, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    progress.close()
     _save_flags(spec, rank, world, flags_rows)
     _save_final_model(engine, tokenizer, spec, rank)
     ray.train.report({"done": 1.0, "total_steps": float(plan.total_steps)})
