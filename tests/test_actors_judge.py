@@ -49,6 +49,11 @@ def _rows(n, seed=0):
     return rows
 
 
+def _num_shards(pool):
+    """The pool's shard layout: the judge batches within a shard, so compare shard for shard."""
+    return len(pool) * pool.shards_per_actor
+
+
 def _direct(policy_path, reference_path, rows, first, second, length_penalty=0.0, shards=1):
     """The foundation's functions applied directly: what the judge must reproduce.
 
@@ -89,7 +94,7 @@ def judges(ray_local, ckpts):
 def test_judge_labels_equal_the_foundation_functions(judges, ckpts):
     rows = _rows(9)
     got = label_rows(judges, rows)
-    p1, p2, q1, q2, r1, r2 = _direct(ckpts[1], ckpts[0], rows, "response_ids_1", "response_ids_2", shards=2)
+    p1, p2, q1, q2, r1, r2 = _direct(ckpts[1], ckpts[0], rows, "response_ids_1", "response_ids_2", shards=_num_shards(judges))
     labels = label_pairs(r1, r2)
     n = len(rows)
     assert len(got) == n
@@ -111,7 +116,7 @@ def test_judge_labels_equal_the_foundation_functions(judges, ckpts):
 
 def test_gold_accuracy_is_the_implicit_reward_accuracy(judges, ckpts):
     gold = [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["response_ids_1"], "rejected_ids": r["response_ids_2"]} for r in _rows(11, seed=1)]
-    *_, rc, rr = _direct(ckpts[1], ckpts[0], gold, "chosen_ids", "rejected_ids", shards=2)
+    *_, rc, rr = _direct(ckpts[1], ckpts[0], gold, "chosen_ids", "rejected_ids", shards=_num_shards(judges))
     want = implicit_reward_accuracy(rc, rr)
     assert 0.0 < want < 1.0
     assert gold_accuracy(judges, gold) == pytest.approx(want, abs=1e-12)

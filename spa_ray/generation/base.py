@@ -119,17 +119,16 @@ def prompt_occurrences(prompts: list[str]) -> list[int]:
 def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of one prompt as the model sees it.
 
-    With the chat template: one user message, rendered with ``add_generation_prompt=True``
-    and tokenized WITHOUT adding special tokens again (the template carries BOS if the
-    model wants one). Without: the raw text with the tokenizer's special tokens.
+    With the chat template this is exactly the data layer's encoding
+    (``spa_ray.data.tokenize.encode_prompt``), so seed pairs and self-generated pairs
+    share one prompt format. Without: the raw text with the tokenizer's special tokens.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompts must be str, got {type(prompt).__name__}")
     if use_chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        from spa_ray.data.tokenize import encode_prompt as encode_chat_prompt
+
+        return encode_chat_prompt(tokenizer, prompt)
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from spa_ray.data.collate import bucket_by_length
+
 from spa_ray.objectives.logprobs import sequence_logprobs
 
 __all__ = ["length_buckets", "collate_right_padded", "batched_sequence_logprobs", "batched_policy_reference_logprobs"]
@@ -28,29 +30,9 @@ DEFAULT_MAX_TOKENS_PER_BATCH = 4096
 def length_buckets(
     lengths: Sequence[int], max_tokens_per_batch: int, max_batch_size: int | None = None
 ) -> list[list[int]]:
-    """Indices grouped into batches: sorted longest first, ``len(batch) * max_len <= budget``.
-
-    Every index appears exactly once. Ties in length keep input order (stable sort).
-    """
-    if max_tokens_per_batch < 1:
-        raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
-    if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        if current:
-            fits = (len(current) + 1) * longest <= max_tokens_per_batch
-            if fits and (max_batch_size is None or len(current) < max_batch_size):
-                current.append(i)
-                continue
-            batches.append(current)
-        current, longest = [i], lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    """Indices grouped into batches, longest first, ``len(batch) * max_len <= budget``
+    (the data layer's bucketing; every index appears exactly once)."""
+    return bucket_by_length(lengths, max_tokens_per_batch, max_batch_size=max_batch_size)
 
 
 def _check_pairs(prompt_ids, response_ids) -> list[int]:
