@@ -141,3 +141,15 @@ def test_no_reference_length_penalty_and_set_reference(ckpts):
     assert [g["reward_1"] for g in judge.label(rows)] == pytest.approx(r1.tolist(), abs=1e-9)
     assert judge.weights_info()["reference_path"] == str(ckpts[0])
     assert judge.label([]) == []
+
+
+def test_judge_reuses_given_policy_logprobs(judges, ckpts):
+    """judge.reuse_generator_logprobs: given log pi_{t-1} replace the policy forward."""
+    rows = _rows(6, seed=3)
+    full = label_rows(judges, rows)
+    given = [dict(r, policy_logp_1=x["logp_policy_1"] + 1.0, policy_logp_2=x["logp_policy_2"]) for r, x in zip(rows, full)]
+    reused = label_rows(judges, given)
+    for a, b in zip(full, reused):
+        assert b["logp_policy_1"] == pytest.approx(a["logp_policy_1"] + 1.0, abs=1e-5)
+        assert b["logp_ref_1"] == pytest.approx(a["logp_ref_1"], abs=1e-5)
+        assert b["reward_1"] - b["reward_2"] == pytest.approx(a["reward_1"] - a["reward_2"] + 0.1, abs=1e-4)

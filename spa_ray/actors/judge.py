@@ -23,7 +23,11 @@ from spa_ray.actors.base import (
 from spa_ray.evaluation.win_rates import implicit_reward_accuracy
 from spa_ray.judging.implicit_reward import implicit_reward, label_pairs
 from spa_ray.models.loading import load_causal_lm, load_tokenizer
-from spa_ray.models.scoring import DEFAULT_MAX_TOKENS_PER_BATCH, batched_policy_reference_logprobs
+from spa_ray.models.scoring import (
+    DEFAULT_MAX_TOKENS_PER_BATCH,
+    batched_policy_reference_logprobs,
+    batched_sequence_logprobs,
+)
 
 __all__ = ["JudgeActor", "label_rows", "gold_accuracy"]
 
@@ -98,20 +102,34 @@ class JudgeActor(WeightedActor):
         if self._version is None:
             raise WeightsMismatchError(f"{self.actor_label}: weights are in an unknown state (a load failed); reload first")
 
-    def _rewards(self, prompt_ids: Sequence, first: Sequence, second: Sequence):
-        """Log-probs and rewards of (prompt, first[i]) and (prompt, second[i]) in one pass."""
+    def _rewards(self, prompt_ids: Sequence, first: Sequence, second: Sequence, policy_logps=None):
+        """Log-probs and rewards of (prompt, first[i]) and (prompt, second[i]) in one pass.
+
+        ``policy_logps`` (2n floats: firsts then seconds), when given, are the generator's
+        own log pi_{t-1}(y|x) and replace the policy forward (judge.reuse_generator_logprobs).
+        """
         prompts = list(prompt_ids) + list(prompt_ids)
         responses = list(first) + list(second)
-        pol, ref = batched_policy_reference_logprobs(
-            self.policy, self.reference, prompts, responses, self.pad_token_id,
-            max_tokens_per_batch=self.max_tokens_per_batch,
-        )
+        if policy_logps is None:
+            pol, ref = batched_policy_reference_logprobs(
+                self.policy, self.reference, prompts, responses, self.pad_token_id,
+                max_tokens_per_batch=self.max_tokens_per_batch,
+            )
+        else:
+            pol = torch.tensor(list(policy_logps), dtype=torch.float32)
+            ref = None
+            if self.reference is not None:
+                ref = batched_sequence_logprobs(
+                    self.reference, prompts, responses, self.pad_token_id,
+                    max_tokens_per_batch=self.max_tokens_per_batch,
+                )
         lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
         rewards = implicit_reward(pol, ref, self.beta, response_lengths=lengths, length_penalty=self.length_penalty)
         return pol, ref, rewards
 
     def label(self, rows: list[dict]) -> list[dict]:
-        """Eq. 7-8 labels for rows with prompt_ids, response_ids_1, response_ids_2.
+        """Eq. 7-8 labels for rows with prompt_ids, response_ids_1, response_ids_2
+        (and optionally policy_logp_1/2: the generator's log pi_{t-1}, skipping that forward).
 
         Returns per row: logp_policy_1/2, logp_ref_1/2 (None without a reference),
         reward_1/2, probability (= sigma(r1 - r2), in the given order), first_is_chosen,
@@ -121,10 +139,14 @@ class JudgeActor(WeightedActor):
         n = len(rows)
         if n == 0:
             return []
+        given = None
+        if all(row.get("policy_logp_1") is not None and row.get("policy_logp_2") is not None for row in rows):
+            given = [row["policy_logp_1"] for row in rows] + [row["policy_logp_2"] for row in rows]
         pol, ref, r = self._rewards(
             [row["prompt_ids"] for row in rows],
             [row["response_ids_1"] for row in rows],
             [row["response_ids_2"] for row in rows],
+            policy_logps=given,
         )
         labels = label_pairs(r[:n], r[n:])
         out = []

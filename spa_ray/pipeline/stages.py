@@ -240,8 +240,13 @@ def _sample(run: Run, version: int, path: str, prompts: list[str], seed: int, n:
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
+    """Generation rows as table columns; the per-token untempered log-probs are kept only as
+    their sum ``policy_logp`` (log pi of the response under the generating policy)."""
     keys = [k for k in rows[0] if k != "raw_logprobs"] if rows else []
-    return {k: [r[k] for r in rows] for k in keys}
+    columns = {k: [r[k] for r in rows] for k in keys}
+    if rows and all(r.get("raw_logprobs") is not None for r in rows):
+        columns["policy_logp"] = [float(sum(r["raw_logprobs"])) for r in rows]
+    return columns
 
 
 def label_pairs_by_implicit_reward(run: Run, t: int, generations: Path) -> Path:
@@ -259,6 +264,11 @@ def label_pairs_by_implicit_reward(run: Run, t: int, generations: Path) -> Path:
         {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b]}
         for a, b in order
     ]
+    if run.config.judge.reuse_generator_logprobs and "policy_logp" in gen:
+        # Off by default: the engine's numerics (KV cache, padded batches, vLLM kernels)
+        # make these differ from a teacher-forced log pi, which is what Eq. 7 asks for.
+        for row, (a, b) in zip(rows, order):
+            row["policy_logp_1"], row["policy_logp_2"] = gen["policy_logp"][a], gen["policy_logp"][b]
     started = time.time()
     labels = _judge(run, t, rows)
     run.telemetry.gauge("pairs_per_second", len(rows) / max(time.time() - started, 1e-9))
