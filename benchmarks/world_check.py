@@ -151,6 +151,7 @@ def judge_agreement(task, pi0, init, tok, prompts, beta, seed):
     r = beta * (lp0 - lpi)
     agree = n = judge_ties = identical = 0
     by_kind: dict[str, list[float]] = {}
+    by_quality: dict[str, list[float]] = {}  # which gold quality differs between the two samples
     for i, p in enumerate(prompts):
         a, b = samples[2 * i], samples[2 * i + 1]
         ga, gb = task.score(p, a), task.score(p, b)
@@ -164,10 +165,14 @@ def judge_agreement(task, pi0, init, tok, prompts, beta, seed):
         judge_ties += ra == rb
         agree += hit
         by_kind.setdefault(task.world.spec(p).kind, []).append(hit)
+        qa, qb = task.world.quality_scores(p, a), task.world.quality_scores(p, b)
+        diff = [k for k in qa if qa[k] != qb[k]]
+        by_quality.setdefault(diff[0] if len(diff) == 1 else "several", []).append(hit)
     mean_gold = sum(task.score(p, s) for p, s in zip([p for p in prompts for _ in range(2)], samples)) / len(samples)
     return {"agreement": agree / max(1, n), "pairs_gold_not_tied": n, "pairs": len(prompts),
             "judge_ties": judge_ties, "identical_pairs": identical, "pi0_sample_mean_gold": mean_gold,
-            "agreement_by_family": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_kind.items())}}
+            "agreement_by_family": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_kind.items())},
+            "agreement_by_quality": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_quality.items())}}
 
 
 def heldout_pair_accuracy(task, pi0, init, tok, pairs, beta):

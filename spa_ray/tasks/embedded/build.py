@@ -99,7 +99,21 @@ class BuildSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """Cache key: the spec with the world's resolved settings and the source that makes
+        the data, so changing a default in world.py or build.py can never reuse a stale build."""
+        from .world import DemoQuality
+
+        here = Path(__file__).resolve().parent
+        source = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("world.py", "build.py"))).hexdigest()
+        blob = json.dumps(
+            {
+                "v": BUILD_VERSION,
+                **dataclasses.asdict(self),
+                "resolved_quality": DemoQuality(**dict(self.quality)).as_dict(),
+                "source": source,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
