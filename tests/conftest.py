@@ -8,3 +8,16 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/spa-ray/torch_extensions"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray cluster on this machine's cores, shut down after the module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

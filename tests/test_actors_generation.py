@@ -33,13 +33,6 @@ GEN_KW = dict(backend="transformers", device="cpu", dtype="float32", num_threads
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_ckpts")
     return [save_tiny_model_dir(root / f"v{v}", seed=v) for v in range(2)]

@@ -80,13 +80,6 @@ def test_nccl_config_on_cpu_fails_fast():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("weight_ckpts")
     return [save_tiny_model_dir(root / f"v{v}", seed=v) for v in range(4)]

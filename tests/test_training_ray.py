@@ -22,13 +22,6 @@ from spa_ray.training.ray_trainer import run_train_stage
 from spa_ray.training.worker import TrainStageSpec
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _pairs(n, seed=0):
     tok = make_tiny_tokenizer()
     rng = random.Random(seed)
@@ -65,7 +58,7 @@ def test_batch_plan_covers_each_epoch_once_across_ranks():
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_gloo_workers_train_and_save_a_loadable_model(ray_cluster, tmp_path, zero_stage):
+def test_two_gloo_workers_train_and_save_a_loadable_model(ray_local, tmp_path, zero_stage):
     policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     write_pairs(tmp_path / "pairs.parquet", _pairs(40))
     spec = _spec(tmp_path, policy, f"train_z{zero_stage}", zero_stage=zero_stage)
@@ -88,7 +81,7 @@ def test_two_gloo_workers_train_and_save_a_loadable_model(ray_cluster, tmp_path,
 
 
 @pytest.mark.slow
-def test_worker_failure_resumes_from_step_checkpoint_to_the_same_weights(ray_cluster, tmp_path):
+def test_worker_failure_resumes_from_step_checkpoint_to_the_same_weights(ray_local, tmp_path):
     """A worker dies mid-epoch; Ray Train restarts the group from the last step checkpoint
     (optimizer, scheduler, window, RNG and data position restored) and ends on the same
     weights as a run that never failed."""
