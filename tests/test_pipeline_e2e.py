@@ -75,6 +75,9 @@ def test_small_run_end_to_end(tmp_path, tiny_model):
     for t in (0, 1, 2):
         assert (run / f"checkpoints/pi_{t}/model.safetensors").exists()
     assert (run / "checkpoints/pi_1/noise_flags.parquet").exists()
+    labelled = pq.read_table(run / "data/iter_1/labelled_pairs.parquet").to_pydict()
+    assert labelled["chosen_ids"] == pairs["chosen_ids"]
+    assert set(labelled["z"]) <= {0.0, 1.0, None} and any(z is not None for z in labelled["z"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("kind") == "train_step" and m["stage"] == "train_2" for m in metrics)
     assert (run / "plots/win_rate.png").stat().st_size > 0

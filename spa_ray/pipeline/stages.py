@@ -364,6 +364,8 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
         for record in log:
             run.telemetry.train_step(stage, record)
         flagged = _flag_quality(out, pairs)
+        if t >= 1:
+            _write_labelled_pairs(run, t, out, pairs)
     run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=refine, lam=lam, **flagged)
     return run.checkpoint(t)
 
@@ -372,6 +374,28 @@ def _json_line(line: str) -> dict:
     import json
 
     return json.loads(line)
+
+
+def _write_labelled_pairs(run: Run, t: int, checkpoint: Path, pairs: Path) -> None:
+    """data/iter_t/labelled_pairs.parquet: D_t with each pair's confidence and z flag from training.
+
+    Written before train_t is recorded finished (a rerun rewrites it), atomically.
+    """
+    flags_path = checkpoint / "noise_flags.parquet"
+    if not flags_path.exists():
+        return
+    table = read_parquet(pairs)
+    flags = read_parquet(flags_path)
+    n = len(table["prompt_ids"])
+    z: list = [None] * n  # pairs left out by the last partial batch keep None
+    confidence: list = [None] * n
+    for i, c, flag in zip(flags["pair_index"], flags["confidence"], flags["z"]):
+        z[i], confidence[i] = flag, c
+    table.update(z=z, confidence=confidence)
+    final = run.dir.subpath("data", f"iter_{t}", "labelled_pairs.parquet")
+    tmp = final.with_name(f".tmp-{final.name}")
+    write_parquet(tmp, table)
+    tmp.replace(final)
 
 
 def _flag_quality(checkpoint: Path, pairs: Path) -> dict[str, float]:
