@@ -37,11 +37,11 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    chosen_score: float | None = None
+    rejected_score: float | None = None
     file: str | None = None
     row: int | None = None
     source: str | None = None
-    chosen_score: float | None = None
-    rejected_score: float | None = None
     chosen_model: str | None = None
     rejected_model: str | None = None
 

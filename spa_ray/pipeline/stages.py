@@ -139,7 +139,7 @@ def prepare_data(run: Run) -> PreparedData:
         limits = dict(max_prompt_len=config.model.max_prompt_len, max_total_len=config.model.max_total_len)
         with run.dir.stage_dir(stage, "data", "prepare", seed_pairs=len(train), judge_holdout=len(holdout)) as out:
             for name, subset in (("seed_pairs", train), ("judge_holdout", holdout)):
-                columns = tokenize_gold_pairs(tokenizer, [_as_record(p) for p in subset], **limits)
+                columns = tokenize_gold_pairs(tokenizer, subset, **limits)
                 columns["gold_chosen"] = [p.chosen_score for p in subset]
                 columns["gold_rejected"] = [p.rejected_score for p in subset]
                 write_pairs(out / f"{name}.parquet", columns)
@@ -155,17 +155,6 @@ def prepare_data(run: Run) -> PreparedData:
         judge_holdout=folder / "judge_holdout.parquet",
         iteration_prompts=prompts["iterations"],
         evaluation_prompts=prompts["evaluation"][: run.config.evaluation.num_prompts],
-    )
-
-
-def _as_record(pair: Any):
-    from spa_ray.data.records import PreferencePair
-
-    if isinstance(pair, PreferencePair):
-        return pair
-    return PreferencePair(
-        prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
-        chosen_score=pair.chosen_score, rejected_score=pair.rejected_score,
     )
 
 

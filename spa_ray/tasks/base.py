@@ -26,6 +26,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# One pair type for the whole project: a task's gold pair is the data layer's record
+# (prompt, chosen, rejected, chosen_score, rejected_score, then provenance).
+from spa_ray.data.records import PreferencePair
+
 __all__ = [
     "PromptSplits",
     "PreferencePair",
@@ -59,26 +63,6 @@ class PromptSplits:
 
     def __post_init__(self) -> None:
         check_disjoint(self.all_sets())
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """A gold-labelled pair: ``chosen`` scored strictly higher than ``rejected`` by the task's judge."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    chosen_score: float
-    rejected_score: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "chosen": self.chosen,
-            "rejected": self.rejected,
-            "chosen_score": self.chosen_score,
-            "rejected_score": self.rejected_score,
-        }
 
 
 @dataclass(frozen=True)

@@ -58,14 +58,9 @@ class UltraFeedbackTask(Task):
         )
 
     def seed_pairs(self, prompts: Sequence[str], seed: int = 0) -> list[PreferencePair]:
+        """The dataset's own gold pairs of ``prompts`` (with their file/row provenance)."""
         self._loaded()
-        out = []
-        for prompt in prompts:
-            pair = self._gold[prompt.strip()]
-            out.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected,
-                                      float(pair.chosen_score if pair.chosen_score is not None else 1.0),
-                                      float(pair.rejected_score if pair.rejected_score is not None else 0.0)))
-        return out
+        return [self._gold[prompt.strip()] for prompt in prompts]
 
     def score(self, prompt: str, response: str) -> float:
         raise NotImplementedError(
