@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from spa_ray.atomic_files import atomic_write_text
 
 __all__ = ["alpaca_eval_records", "write_alpaca_eval_outputs", "read_alpaca_eval_outputs", "atomic_write_text"]
 
@@ -39,24 +40,6 @@ def alpaca_eval_records(
             rec["dataset"] = dataset if isinstance(dataset, str) else dataset[i]
         records.append(rec)
     return records
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_alpaca_eval_outputs(

@@ -24,6 +24,7 @@ class ActorSystem:
         self.pi_init = pi_init
         self.generators: ShardedActors | None = None
         self.judges: ShardedActors | None = None
+        self._judge_reference: str | None = None  # the reference the judge pool holds
         self.reports: list[dict[str, Any]] = []
 
     # -- pools --------------------------------------------------------------------------
@@ -81,11 +82,11 @@ class ActorSystem:
         reference = {"init": self.pi_init, "previous": previous_path, "none": None}[self.config.judge.reference]
         if self.judges is None:
             self.judges = self._new_judges(t, policy_path, reference)
-            self._reference = reference
+            self._judge_reference = reference
         self._sync(t, policy_path)
-        if reference != getattr(self, "_reference", reference):
+        if reference != self._judge_reference:
             self.judges.set_reference(reference)
-            self._reference = reference
+            self._judge_reference = reference
         return label_rows(self.judges, rows)
 
     def shutdown(self) -> None:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from spa_ray.atomic_files import TMP_PREFIX, atomic_write_text, fsync_dir
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-TMP_PREFIX = ".tmp-"
 
 
 class RunDirError(ValueError):
@@ -30,26 +31,6 @@ def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
         raise RunDirError(f"{what} {name!r}: use letters, digits, '.', '_' and '-' only (no '/', no '..')")
     return name
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a reader never sees half of it."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class RunDirectory:
@@ -127,7 +108,7 @@ class RunDirectory:
         if final.exists():  # left by a run killed between rename and ledger write
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self.mark_done(stage, path=str(final.relative_to(self.path)), **info)
 
     def _clean_temporaries(self) -> None:

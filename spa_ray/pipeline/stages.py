@@ -10,6 +10,7 @@ run needs no special path.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -349,7 +350,7 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
         )
         started = time.time()
         run_train_stage(spec, run.config.placement.trainer, run.dir.path / "ray_train")
-        log = [_json_line(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
         for record in log:
             run.telemetry.train_step(stage, record)
         flagged = _flag_quality(out, pairs)
@@ -357,12 +358,6 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
             _write_labelled_pairs(run, t, out, pairs)
     run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=refine, lam=lam, **flagged)
     return run.checkpoint(t)
-
-
-def _json_line(line: str) -> dict:
-    import json
-
-    return json.loads(line)
 
 
 def _write_labelled_pairs(run: Run, t: int, checkpoint: Path, pairs: Path) -> None:
