@@ -141,6 +141,66 @@ def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=1
     return out
 
 
+def sampled_pairs(task, model, tok, prompts, n, seed, temperature=0.7):
+    """Gold pairs of the model's own samples, UltraFeedback-binarized style: n samples per
+    prompt, chosen = the best by gold, rejected = a random one scored strictly lower;
+    prompts whose samples all tie are dropped."""
+    from spa_ray.tasks.base import PreferencePair
+
+    rng = random.Random(seed)
+    samples = sample(model, tok, prompts, n, temperature, seed)
+    pairs = []
+    for i, p in enumerate(prompts):
+        cand = samples[i * n:(i + 1) * n]
+        scored = [(task.score(p, c), c) for c in cand]
+        best = max(s for s, _ in scored)
+        worse = [(s, c) for s, c in scored if s < best]
+        if not worse:
+            continue
+        chosen = next(c for s, c in scored if s == best)
+        rs, rc = rng.choice(worse)
+        pairs.append(PreferencePair(p, chosen, rc, best, rs))
+    return pairs
+
+
+def shared_draw_pairs(task, prompts, seed, max_tries=20):
+    """Demonstration-distribution pairs whose two responses share one draw of valid items
+    and differ only in their independent corruptions (experiment; see docs/world.md)."""
+    from spa_ray.tasks.base import PreferencePair
+
+    world = task.world
+    pairs = []
+    for p in prompts:
+        rng = random.Random(f"shared/{seed}/{p}")
+        state = rng.getstate()
+
+        def one(rng_flags):
+            # the item draw uses a fresh copy of the shared state; flags use rng_flags
+            items_rng = random.Random()
+            items_rng.setstate(state)
+
+            class Split(random.Random):
+                def sample(self, pop, k):  # only the item draw uses sample()
+                    return items_rng.sample(pop, k)
+
+            r = Split()
+            r.setstate(rng_flags.getstate())
+            out = world.sample_response(p, r)[0]
+            rng_flags.setstate(r.getstate())
+            return out
+
+        flags_rng = random.Random(f"flags/{seed}/{p}")
+        a = one(flags_rng)
+        sa = task.score(p, a)
+        for _ in range(max_tries):
+            b = one(flags_rng)
+            sb = task.score(p, b)
+            if sb != sa:
+                pairs.append(PreferencePair(p, a, b, sa, sb) if sa > sb else PreferencePair(p, b, a, sb, sa))
+                break
+    return pairs
+
+
 # ------------------------------------------------------------------ measurements
 def judge_agreement(task, pi0, init, tok, prompts, beta, seed):
     """pi_0 samples 2/prompt; Eq. 7-8 labels vs gold on gold-non-tied pairs."""
@@ -168,11 +228,46 @@ def judge_agreement(task, pi0, init, tok, prompts, beta, seed):
         qa, qb = task.world.quality_scores(p, a), task.world.quality_scores(p, b)
         diff = [k for k in qa if qa[k] != qb[k]]
         by_quality.setdefault(diff[0] if len(diff) == 1 else "several", []).append(hit)
+        if diff == ["content"]:
+            by_quality.setdefault("content:" + content_error_kind(task, p, a if ga < gb else b), []).append(hit)
+    # diagnostics: does the judge prefer the longer sample (tokens), and how would a
+    # per-token (length-normalised) reward have labelled the same pairs?
+    lens = [len(x[1]) for x in rows]
+    longer_pref = n_len = agree_norm = 0
+    for i, p in enumerate(prompts):
+        a, b = samples[2 * i], samples[2 * i + 1]
+        ga, gb = task.score(p, a), task.score(p, b)
+        ra, rb = float(r[2 * i]), float(r[2 * i + 1])
+        la, lb = lens[2 * i], lens[2 * i + 1]
+        if la != lb and ra != rb:
+            n_len += 1
+            longer_pref += (ra > rb) == (la > lb)
+        if ga != gb:
+            agree_norm += float((ra / max(1, la) > rb / max(1, lb)) == (ga > gb))
     mean_gold = sum(task.score(p, s) for p, s in zip([p for p in prompts for _ in range(2)], samples)) / len(samples)
     return {"agreement": agree / max(1, n), "pairs_gold_not_tied": n, "pairs": len(prompts),
+            "judge_prefers_longer": longer_pref / max(1, n_len), "agreement_per_token_reward": agree_norm / max(1, n),
             "judge_ties": judge_ties, "identical_pairs": identical, "pi0_sample_mean_gold": mean_gold,
             "agreement_by_family": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_kind.items())},
             "agreement_by_quality": {k: [sum(v) / len(v), len(v)] for k, v in sorted(by_quality.items())}}
+
+
+def content_error_kind(task, prompt, response):
+    """Which kind of wrong item a response names: excluded (copied from the prompt),
+    filter (right category, fails the colour/size/place filter), other (another category)."""
+    world = task.world
+    spec = world.spec(prompt)
+    members = set(world.kb.members.get(spec.category, []))
+    ok = world._member_filter(spec)
+    kinds = set()
+    for t in response.split():
+        if t in spec.excluded:
+            kinds.add("excluded")
+        elif t in members and not ok(t):
+            kinds.add("filter")
+        elif t in world.kb.category and t not in members:
+            kinds.add("other")
+    return "+".join(sorted(kinds)) or "none"
 
 
 def heldout_pair_accuracy(task, pi0, init, tok, pairs, beta):
@@ -247,6 +342,9 @@ def main(argv=None):
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per evaluation prompt")
     ap.add_argument("--full-fraction", type=float, default=1.0, help="share of the non-eval prompts for 'DPO 100%%'")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared"], default="demos",
+                    help="gold pairs from demonstration-distribution responses, or from pi_init's own samples")
+    ap.add_argument("--pair-samples", type=int, default=4, help="samples per prompt for --seed-source sft")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -269,7 +367,14 @@ def main(argv=None):
         splits = task.prompt_splits(seed)
         eval_prompts = splits.evaluation[: args.eval_prompts]
         res = {"seed": seed}
-        seed_pairs = task.seed_pairs(splits.seed, seed)
+        def gold_pairs(prompts, s):
+            if args.seed_source == "sft":
+                return sampled_pairs(task, init, tok, prompts, args.pair_samples, 60_000 + s)
+            if args.seed_source == "demos-shared":
+                return shared_draw_pairs(task, prompts, s)
+            return task.seed_pairs(prompts, s)
+
+        seed_pairs = gold_pairs(splits.seed, seed)
         res["n_seed_pairs"] = len(seed_pairs)
         log(f"seed {seed}: {len(seed_pairs)} seed pairs")
         # pi_init's own samples: reference for win rates, and the length-confound check
@@ -297,7 +402,7 @@ def main(argv=None):
             train_prompts = task.training_prompts(seed)
             if args.full_fraction < 1.0:
                 train_prompts = train_prompts[: int(args.full_fraction * len(train_prompts))]
-            full_pairs = task.seed_pairs(train_prompts, seed)
+            full_pairs = gold_pairs(train_prompts, seed)
             res["n_full_pairs"] = len(full_pairs)
             pif = AutoModelForCausalLM.from_pretrained(path)
             res["dpo_full_train"] = dpo_train(pif, init, tok, full_pairs, args.full_epochs, args.full_lr or args.lr,

@@ -58,6 +58,30 @@ def test_seed_pairs_are_gold_ordered_and_deterministic(task):
         assert p.rejected_score == task.score(p.prompt, p.rejected)
 
 
+def _items(task, prompt, response):
+    toks = response.split()
+    body = toks[toks.index(":") + 1:] if ":" in toks else toks[4:]
+    return [t for t in body if not t.isdigit() and t != "."]
+
+
+def test_seed_pair_responses_share_one_draft(task):
+    """The two responses of a pair name the same valid items except where a corruption
+    (content, repetition, count) changed one: their difference is quality."""
+    prompts = [p for p in task.prompt_splits(0).seed if task.world.spec(p).is_list][:300]
+    pairs = task.seed_pairs(prompts, seed=0)
+    same_items = 0
+    for p in pairs:
+        a, b = _items(task, p.prompt, p.chosen), _items(task, p.prompt, p.rejected)
+        differing = sum(x != y for x, y in zip(a, b))
+        # each response changes at most two positions of the shared draft
+        assert differing <= 4, (p.prompt, p.chosen, p.rejected)
+        same_items += differing == 0
+    assert same_items > 0.2 * len(pairs)  # independent draws: almost never
+    # demonstrations (SFT data) still draw items independently per response
+    demos = task.sft_demonstrations(50, seed=0)
+    assert len({d.response for d in demos}) == 50
+
+
 def _list_prompt(task, kind):
     return next(p for p in task.all_prompts() if task.world.spec(p).kind == kind)
 

@@ -322,12 +322,17 @@ class World:
         choices.append(kb.members[rng.choice(other)])
         return rng.choice(rng.choice(choices))
 
-    def sample_response(self, prompt: str, rng: random.Random) -> tuple[str, dict[str, bool]]:
+    def sample_response(
+        self, prompt: str, rng: random.Random, items_rng: random.Random | None = None
+    ) -> tuple[str, dict[str, bool]]:
         """A demonstration with each quality corrupted independently (see ``DemoQuality``).
 
-        Returns (response, {quality: corrupted?}).
+        ``items_rng`` (default ``rng``) draws only which valid items are named: two calls
+        given copies of one ``items_rng`` state answer from the same draft and differ only
+        in their corruptions (how seed pairs are made). Returns (response, {quality: corrupted?}).
         """
         spec = self.spec(prompt)
+        items_rng = rng if items_rng is None else items_rng
         q = self.quality
         flags = {k: rng.random() < p for k, p in q.as_dict().items()}
         kb = self.kb
@@ -336,7 +341,7 @@ class World:
             n_items = spec.n
             if flags["count"]:
                 n_items = spec.n + (1 if rng.random() < 0.5 else -1)
-            items = rng.sample(valid, min(n_items, len(valid)))
+            items = items_rng.sample(valid, min(n_items, len(valid)))
             if flags["content"]:
                 k = rng.randrange(len(items))
                 items[k] = self._invalid_item(spec, rng, items)
