@@ -18,6 +18,13 @@ def ray_local():
     """A real local Ray cluster on this machine's cores, shut down after the module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # on an overloaded machine the head can miss Ray's fixed 30 s start window
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
     yield
     ray.shutdown()

@@ -80,3 +80,30 @@ def test_metrics_survive_a_cut_line(tmp_path):
         f.write('{"stage": "tra')  # a kill in the middle of a write
     assert [m["loss"] for m in run.read_metrics()] == [0.5]
     assert json.loads((run.path / "metrics.jsonl").read_text().splitlines()[0])["stage"] == "train_1"
+
+
+def test_resume_accepts_a_config_saved_before_new_settings_existed(tmp_path):
+    """A run started by an older version (its config.yaml lacks a section added since)
+    resumes when it did not rely on the new settings; a real difference is still refused."""
+    import yaml
+
+    from spa_ray.pipeline.config import ConfigError, config_to_dict, load_config
+    from spa_ray.pipeline.run_dir import RunDirectory
+    from spa_ray.pipeline.stages import Run
+
+    config = load_config(overrides=[f"run.root={tmp_path}", "run.name=old"])
+    saved = config_to_dict(config)
+    saved.pop("variant", None)
+    saved["evaluation"].pop("alpaca_eval_json")
+    directory = RunDirectory(tmp_path, "old")
+    directory.write_text("config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    directory.mark_done("prepare")
+
+    run = Run.__new__(Run)
+    run.config, run.dir = config, directory
+    run._check_config()  # accepted: the missing settings are at their defaults
+    assert "variant" in yaml.safe_load((directory.path / "config.yaml").read_text())
+
+    run.config = load_config(overrides=[f"run.root={tmp_path}", "run.name=old", "training.alpha=0.3"])
+    with pytest.raises(ConfigError, match="training.alpha"):
+        run._check_config()

@@ -201,3 +201,17 @@ def test_corpus_carries_facts_not_answer_format(task):
     assert all(kb.colour(t[0]) == t[2] for t in facts)  # the corpus is clean
     mentioned = {w for d in docs for w in d.split()}
     assert len(set(kb.entities) & mentioned) > 0.95 * len(kb.entities)
+
+
+def test_seed_size_changes_only_the_seed_set(task):
+    """Table 3's seed-size ablation: evaluation and iteration sets stay put."""
+    from spa_ray.tasks.embedded import EmbeddedTask
+
+    base = task.prompt_splits(0)
+    for fraction in (0.008, 0.017, 0.10):
+        other = EmbeddedTask(seed_fraction=fraction).prompt_splits(0)
+        assert other.evaluation == base.evaluation and other.iterations == base.iterations
+        assert len(other.seed) == round(fraction * len(task.all_prompts()))
+        assert not set(other.seed) & (set(other.evaluation) | {p for it in other.iterations for p in it})
+        small, large = sorted([other.seed, base.seed], key=len)
+        assert set(small) <= set(large)

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "ModelLoadError",
+    "check_model_folder",
     "MissingTokenizerError",
     "MissingChatTemplateError",
     "load_tokenizer",
@@ -131,6 +132,24 @@ def load_causal_lm(
     model.to(device)
     model.eval()
     return model
+
+
+def check_model_folder(name_or_path: str | os.PathLike) -> None:
+    """For a local folder: ModelLoadError naming it unless it holds config.json and
+    safetensors weights (a pickle-only checkpoint is refused before anything loads it).
+    Hub ids are left to ``from_pretrained`` (``use_safetensors=True``)."""
+    path = os.fspath(name_or_path)
+    if not os.path.isdir(path):
+        return
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"no model config.json in {path!r}")
+    if not any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in os.listdir(path)):
+        pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise ModelLoadError(
+            f"no safetensors weights in {path!r}"
+            + (f" (found {', '.join(pickled)}: pickle checkpoints are refused, never unpickled)" if pickled else "")
+            + "; save the model with save_pretrained(path, safe_serialization=True)"
+        )
 
 
 def _state_dict_of(model_or_state_dict) -> Mapping[str, torch.Tensor]:

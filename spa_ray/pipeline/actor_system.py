@@ -15,7 +15,63 @@ from spa_ray.actors.generator import GeneratorActor, generate_rows
 from spa_ray.actors.judge import JudgeActor, label_rows
 from spa_ray.actors.pool import ShardedActors
 from spa_ray.actors.weight_sync import broadcast_weights
-from spa_ray.pipeline.config import SPAConfig
+from spa_ray.pipeline.config import ConfigError, SPAConfig
+
+
+def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
+    """ConfigError naming the ``placement.*`` key when the cluster cannot hold the actors.
+
+    Generator and judge pools stay alive while the trainer group runs, so all three
+    groups must fit at once: per resource, the sum of ``count x per-actor demand`` must
+    not exceed the cluster's total, and each actor's demand must fit on one node.
+    Checked against the nodes alive now (``ray.nodes()``); set SPA_RAY_PLACEMENT_CHECK=0
+    on an autoscaling cluster whose nodes are not up yet.
+    """
+    import os
+
+    tr = config.training
+    per_step = tr.micro_batch_size * config.placement.trainer.count
+    if tr.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size ({tr.global_batch_size}) must be a multiple of training.micro_batch_size "
+            f"({tr.micro_batch_size}) x placement.trainer.count ({config.placement.trainer.count})"
+        )
+    if os.environ.get("SPA_RAY_PLACEMENT_CHECK", "1") == "0":
+        return
+    if nodes is None:
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for key, value in node.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    demand: dict[str, float] = {}
+    p = config.placement
+    for name, group in (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer)):
+        per_actor = {"CPU": group.num_cpus, "GPU": group.num_gpus, **group.resources}
+        keys = {"CPU": "num_cpus", "GPU": "num_gpus"}
+        for resource, amount in per_actor.items():
+            if not amount:
+                continue
+            largest = max((float(n.get(resource, 0.0)) for n in nodes), default=0.0)
+            if amount > largest:
+                key = f"placement.{name}.{keys.get(resource, 'resources.' + resource)}"
+                raise ConfigError(
+                    f"{key}: each of the {group.count} {name} actors asks for {amount:g} {resource}, but the "
+                    f"largest node of the cluster has {largest:g} (cluster total {totals.get(resource, 0.0):g})"
+                )
+            demand[resource] = demand.get(resource, 0.0) + group.count * float(amount)
+    for resource, amount in demand.items():
+        if amount > totals.get(resource, 0.0) + 1e-9:
+            parts = ", ".join(
+                f"{name} {g.count} x {({'CPU': g.num_cpus, 'GPU': g.num_gpus}.get(resource) or g.resources.get(resource, 0)):g}"
+                for name, g in (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer))
+            )
+            raise ConfigError(
+                f"placement: generators, judges and trainer are alive together and ask for {amount:g} {resource} "
+                f"({parts}), but the cluster has {totals.get(resource, 0.0):g}"
+            )
 
 
 class ActorSystem:
@@ -89,11 +145,22 @@ class ActorSystem:
             self._judge_reference = reference
         return label_rows(self.judges, rows)
 
+    def label_by_model(self, model_path: str, rows: list[dict]) -> list[dict]:
+        """Labels by a trained judge (judge.kind reward_model / llm_as_judge): rows carry the text
+        fields prompt, response_1, response_2. The pool holds that one model (version 0) all run."""
+        from spa_ray.actors.model_judge import ModelJudgeActor, label_rows_by_model
+
+        if getattr(self, "model_judges", None) is None:
+            group = self.config.placement.judges
+            kwargs = dict(model_path=model_path, version=0, device=self._device(group.num_gpus), dtype=self.config.model.dtype)
+            self.model_judges = ShardedActors(ModelJudgeActor, group, kwargs, name="model_judges")
+        return label_rows_by_model(self.model_judges, rows)
+
     def shutdown(self) -> None:
         import ray
 
-        for pool in (self.generators, self.judges):
+        for pool in (self.generators, self.judges, getattr(self, "model_judges", None)):
             if pool is not None:
                 for actor in pool.actors:
                     ray.kill(actor)
-        self.generators = self.judges = None
+        self.generators = self.judges = self.model_judges = None

@@ -43,7 +43,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from spa_ray.pipeline.driver import run_spa
 
-    return run_spa(config)
+    try:
+        return run_spa(config)
+    except _input_errors() as exc:  # bad data, model folder, placement: one line naming the source
+        print(f"spa_run: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the file/row/field, path or config key at fault."""
+    from spa_ray.data.errors import DataError
+    from spa_ray.models.loading import MissingChatTemplateError, ModelLoadError
+    from spa_ray.pipeline.run_dir import RunDirError
+    from spa_ray.pipeline.stages import NotEnoughPairsError
+    from spa_ray.tasks.base import TaskLoadError
+    from spa_ray.training.worker import NonFiniteLossError
+
+    return (
+        ConfigError, DataError, ModelLoadError, MissingChatTemplateError, RunDirError, TaskLoadError,
+        NotEnoughPairsError, NonFiniteLossError,
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from spa_ray.pipeline.config_tree import (
     read_yaml,
     to_dict,
 )
+from spa_ray.variants.config import VariantConfig
 
 
 @dataclass
@@ -68,6 +69,11 @@ class DataConfig:
     judge_holdout_fraction: float = field(
         0.1, help="Fraction of the seed's gold pairs kept out of training to check the judge each iteration."
     )
+    gold_pairs: Literal["seed", "all"] = field(
+        "seed",
+        help="Prompts whose gold pairs train the seed stage: the seed set X0 (SPA), or every non-evaluation prompt "
+        "(the 'DPO on 100%' baseline; needs run.iterations=0).",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.judge_holdout_fraction < 1.0:
@@ -104,7 +110,11 @@ class GenerationConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["implicit_reward"] = field("implicit_reward", help="Who labels pairs (SPA: the implicit reward).")
+    kind: Literal["implicit_reward", "reward_model", "llm_as_judge"] = field(
+        "implicit_reward",
+        help="Who labels pairs: SPA's implicit reward; or, as the paper's baselines (set training.self_refine=false), "
+        "an external scalar reward model or LLM-as-judge (A)/(B), each trained once per run (judge.model_*).",
+    )
     reference: Literal["init", "previous", "none"] = field(
         "init", help="Judge reference: pi_init (paper default), the model before pi_{t-1}, or none (raw likelihood)."
     )
@@ -119,10 +129,26 @@ class JudgeConfig:
     health_floor: float = field(
         0.55, help="Stop before an iteration if the judge's accuracy on held-out gold seed pairs is below this."
     )
+    model_pairs: int = field(
+        4000,
+        help="judge.kind=reward_model: gold pairs of the task's demonstrations (prompts outside the seed, iteration "
+        "and evaluation sets) its scorer is trained on. Ours; PairRM saw ~500K pairs of other data.",
+    )
+    model_epochs: Optional[int] = field(
+        None, help="Epochs of training the judge model; None: 1 (reward model), 3 (LLM judge, the paper's)."
+    )
+    model_learning_rate: float = field(
+        5e-4, help="AdamW lr of training the judge model (ours for the tiny model; paper, 7B LLM judge: 2e-5)."
+    )
+    model_batch_size: int = field(32, help="Pairs (reward model) or questions (LLM judge) per judge-model step.")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"judge.beta: must be > 0, got {self.beta}")
+        if self.model_pairs < 1 or self.model_batch_size < 1 or (self.model_epochs is not None and self.model_epochs < 1):
+            raise ConfigError("judge.model_pairs, judge.model_batch_size and judge.model_epochs must be >= 1")
+        if self.model_learning_rate <= 0:
+            raise ConfigError(f"judge.model_learning_rate: must be > 0, got {self.model_learning_rate}")
         if self.length_penalty < 0:
             raise ConfigError(f"judge.length_penalty: must be >= 0, got {self.length_penalty}")
         if not 0 <= self.health_floor <= 1:
@@ -133,8 +159,9 @@ class JudgeConfig:
 class TrainingConfig:
     beta: float = field(0.1, help="DPO temperature beta (Eq. 5).")
     learning_rate: float = field(
-        1.5e-5,
-        help="AdamW learning rate (paper, 7B: 5e-7; 1.5e-5 suits the embedded tiny model: 1e-4 collapses it).",
+        3e-6,
+        help="AdamW learning rate (paper, 7B: 5e-7). Embedded tiny model: 3e-6 keeps pi_0's implicit reward a usable "
+        "judge (agreement with gold 0.65 vs 0.58 at 1.5e-5; 1e-4 collapses it; docs/world.md).",
     )
     weight_decay: float = field(0.0, help="AdamW weight decay.")
     warmup_ratio: float = field(0.1, help="Cosine schedule warm-up as a fraction of steps.")
@@ -244,6 +271,9 @@ class SPAConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig, help="Actors and their resources.")
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig, help="Broadcast of new weights.")
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, help="Gold-judge evaluation.")
+    variant: VariantConfig = field(
+        default_factory=VariantConfig, help="Seed method beside SPA (SSPO, SP2DPO, S-SPPO, WDRO-DPO); README 'Variants'."
+    )
 
     @property
     def run_dir(self) -> Path:

@@ -25,6 +25,7 @@ from spa_ray.pipeline.stages import (
     generate_responses,
     label_pairs_by_implicit_reward,
     prepare_data,
+    prepare_judge_model,
     print_final_table,
     train_policy,
 )
@@ -38,6 +39,8 @@ def run_spa(config: SPAConfig) -> int:
 
         pi_prev = train_policy(run, t=0, policy=run.pi_init, pairs=data.seed_pairs)  # pi_0 <- DPO(pi_init, D0)
         evaluate(run, policy=pi_prev, version=1, name="pi_0")
+        if config.run.iterations:
+            prepare_judge_model(run, data)                        # judge.kind reward_model / llm_as_judge only
 
         for t in range(1, config.run.iterations + 1):
             try:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from spa_ray.pipeline.config import ConfigError, SPAConfig, config_to_dict
+from spa_ray.pipeline.config import ConfigError, SPAConfig, config_to_dict, load_config
 from spa_ray.pipeline.run_dir import RunDirectory
 from spa_ray.pipeline.tables import read_json, read_parquet, write_json, write_parquet
 from spa_ray.pipeline.telemetry import Telemetry
@@ -30,6 +30,11 @@ BASELINE_SEED_OFFSET = 2_000  # pi_init's baseline samples use other seeds than 
 
 class JudgeHealthError(RuntimeError):
     """The judge's accuracy on held-out gold pairs fell below the configured floor."""
+
+
+class NotEnoughPairsError(RuntimeError):
+    """A training set (seed pairs, or labelled pairs after ties were dropped) holds fewer
+    pairs than one global batch: reported, not trained on."""
 
 
 @dataclass
@@ -52,6 +57,9 @@ class Run:
         self._check_config()
         self.task = load_task(config.data.task, **config.data.task_kwargs)
         self.pi_init = self._resolve_pi_init()
+        from spa_ray.models.loading import check_model_folder
+
+        check_model_folder(self.pi_init)  # safetensors weights, before any stage starts
         self.telemetry = Telemetry(self.dir, config.run.name)
         self._actors: Any = None
 
@@ -64,7 +72,15 @@ class Run:
         if not ray.is_initialized():
             ray.init(address=config.placement.ray_address, log_to_driver=True)
             started = True
-        run = cls(config)
+        try:
+            from spa_ray.pipeline.actor_system import check_placement
+
+            check_placement(config)  # before anything is written into the run directory
+            run = cls(config)
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
         try:
             yield run
         finally:
@@ -78,8 +94,10 @@ class Run:
         """A resumed run must use the config it started with (run.iterations may grow)."""
         resolved = config_to_dict(self.config)
         path = self.dir.path / "config.yaml"
-        if path.exists():
-            before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if path.exists() and self.dir.finished_stages():  # before any stage finished, a corrected config may replace it
+            # read through the loader: settings added to the project since the run started
+            # take their defaults, so an older run resumes if it did not rely on them
+            before = config_to_dict(load_config(path))
             diffs = _dict_diff(before, resolved, ignore={"run.iterations"})
             if diffs:
                 raise ConfigError(
@@ -133,7 +151,7 @@ def prepare_data(run: Run) -> PreparedData:
                 f"run.iterations: {config.run.iterations} iterations need as many prompt sets; "
                 f"task {run.task.name!r} gives {len(splits.iterations)}"
             )
-        pairs = run.task.seed_pairs(splits.seed, seed=config.run.seed)
+        pairs = run.task.seed_pairs(_gold_prompts(run, splits), seed=config.run.seed)
         n_holdout = int(round(config.data.judge_holdout_fraction * len(pairs)))
         holdout, train = pairs[:n_holdout], pairs[n_holdout:]
         tokenizer = load_tokenizer(run.pi_init, trust_remote_code=config.model.trust_remote_code)
@@ -159,6 +177,77 @@ def prepare_data(run: Run) -> PreparedData:
     )
 
 
+def _gold_prompts(run: Run, splits) -> list[str]:
+    """The seed set X0, or (data.gold_pairs=all, the DPO-on-100% baseline) every prompt
+    outside the evaluation set, in the task's seeded order."""
+    if run.config.data.gold_pairs == "seed":
+        return list(splits.seed)
+    if run.config.run.iterations != 0:
+        raise ConfigError("data.gold_pairs=all trains the seed stage on every non-evaluation gold pair; "
+                          f"it needs run.iterations=0, got {run.config.run.iterations}")
+    if hasattr(run.task, "training_prompts"):
+        return list(run.task.training_prompts(seed=run.config.run.seed))
+    return list(splits.seed) + [p for prompts in splits.iterations for p in prompts]
+
+
+JUDGE_PAIR_SEED_OFFSET = 3_000  # the reward model's gold pairs use other pair seeds than D0
+
+
+def prepare_judge_model(run: Run, data: PreparedData) -> str | None:
+    """judge.kind reward_model / llm_as_judge: train the judge once per run (one data seed).
+
+    - reward_model: Bradley-Terry scalar scorer from pi_init on ``judge.model_pairs`` gold
+      pairs of the task's demonstrations, on prompts outside the seed, iteration and
+      evaluation sets (a shifted distribution, as PairRM's training data is to SPA's).
+    - llm_as_judge: pi_init fine-tuned on D0 (the training seed pairs) as (A)/(B) questions.
+    Trained in a Ray task with the judges' resources; the folder is ``judge_model/`` of the
+    run directory. Returns its path, or None for SPA's own implicit-reward judge.
+    """
+    kind = run.config.judge.kind
+    if kind == "implicit_reward":
+        return None
+    stage = "judge_model"
+    final = run.dir.path / "judge_model"
+    if run.dir.is_done(stage):
+        return str(final)
+    import random
+
+    import ray
+
+    from spa_ray.data.records import PreferencePair
+    from spa_ray.judging.judge_models import JudgeTrainSpec, train_judge_model
+
+    j, group = run.config.judge, run.config.placement.judges
+    if kind == "reward_model":
+        if not hasattr(run.task, "all_prompts"):
+            raise ConfigError(f"judge.kind=reward_model: task {run.task.name!r} has no all_prompts() to draw the "
+                              "reward model's gold pairs from")
+        prompts_json = read_json(run.dir.path / "data" / "prepare" / "prompts.json")
+        used = set(prompts_json["seed"]) | set(prompts_json["evaluation"])
+        used |= {p for prompts in prompts_json["iterations"] for p in prompts}
+        pool = [p for p in run.task.all_prompts() if p not in used]
+        random.Random(run.config.run.seed + JUDGE_PAIR_SEED_OFFSET).shuffle(pool)
+        pairs = run.task.seed_pairs(pool[: j.model_pairs], seed=run.config.run.seed + JUDGE_PAIR_SEED_OFFSET)
+    else:
+        d0 = read_parquet(data.seed_pairs)
+        pairs = [PreferencePair(p, c, r, 1.0, 0.0) for p, c, r in zip(d0["prompt"], d0["chosen"], d0["rejected"])]
+    spec = JudgeTrainSpec(
+        epochs=j.model_epochs or (1 if kind == "reward_model" else 3), learning_rate=j.model_learning_rate,
+        batch_size=j.model_batch_size, seed=run.config.run.seed, dtype=run.config.model.dtype,
+        device="cuda" if group.num_gpus > 0 else "cpu",
+    )
+    options: dict[str, Any] = dict(num_cpus=max(group.num_cpus, 1.0), num_gpus=group.num_gpus)
+    if group.resources:
+        options["resources"] = dict(group.resources)
+    task = ray.remote(train_judge_model).options(**options)
+    started = time.time()
+    with run.dir.stage_dir(stage, "judge_model", kind=kind, pairs=len(pairs)) as out:
+        info = ray.get(task.remote(kind, run.pi_init, pairs, str(out), spec))
+    run.telemetry.stage(stage, kind=kind, pairs=len(pairs), seconds=time.time() - started,
+                        train_accuracy=info["final_train_accuracy"], train_loss=info["final_loss"])
+    return str(final)
+
+
 def check_judge_health(run: Run, t: int, data: PreparedData) -> float:
     """The judge (pi_{t-1} vs its reference) on gold pairs it never trained on."""
     stage = f"health_{t}"
@@ -171,8 +260,9 @@ def check_judge_health(run: Run, t: int, data: PreparedData) -> float:
             pass
         return math.nan
     rows = [
-        {"prompt_ids": p, "response_ids_1": c, "response_ids_2": r}
-        for p, c, r in zip(holdout["prompt_ids"], holdout["chosen_ids"], holdout["rejected_ids"])
+        {"prompt_ids": p, "response_ids_1": c, "response_ids_2": r, "prompt": pt, "response_1": ct, "response_2": rt}
+        for p, c, r, pt, ct, rt in zip(holdout["prompt_ids"], holdout["chosen_ids"], holdout["rejected_ids"],
+                                       holdout["prompt"], holdout["chosen"], holdout["rejected"])
     ]
     labels = _judge(run, t, rows)
     accuracy = sum(0.5 if x["is_tie"] else float(x["first_is_chosen"]) for x in labels) / len(labels)
@@ -208,7 +298,12 @@ def _policy_path(run: Run, t: int) -> str:
 
 
 def _judge(run: Run, t: int, rows: list[dict]) -> list[dict]:
-    """Label rows with pi_{t-1} against the judge reference (pi_init, pi_{t-2}, or none)."""
+    """Label rows with pi_{t-1} against the judge reference (pi_init, pi_{t-2}, or none); or,
+    for judge.kind reward_model / llm_as_judge, with the run's trained judge (on the rows' text)."""
+    if run.config.judge.kind != "implicit_reward":
+        if not run.dir.is_done("judge_model"):
+            raise RuntimeError(f"judge.kind={run.config.judge.kind}: prepare_judge_model must run before judging")
+        return run.actors.label_by_model(str(run.dir.path / "judge_model"), rows)
     return run.actors.label(t, _policy_path(run, t - 1), _policy_path(run, t - 2), rows)
 
 
@@ -251,7 +346,8 @@ def label_pairs_by_implicit_reward(run: Run, t: int, generations: Path) -> Path:
         by_prompt.setdefault(p, []).append(i)
     order = [sorted(idx, key=lambda i: gen["sample_index"][i])[:2] for _, idx in sorted(by_prompt.items())]
     rows = [
-        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b]}
+        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b],
+         "prompt": gen["prompt"][a], "response_1": gen["text"][a], "response_2": gen["text"][b]}
         for a, b in order
     ]
     if run.config.judge.reuse_generator_logprobs and "policy_logp" in gen:
@@ -318,6 +414,7 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
     if run.dir.is_done(stage):
         return run.checkpoint(t)
     cfg = run.config.training
+    _require_one_batch(run, t, pairs)
     refine = t >= 1 and cfg.self_refine
     lam = lambda_for_iteration(t, first=cfg.lambda_first) if (refine and cfg.decoupled_noise_detection) else 0.0
     with run.dir.stage_dir(stage, "checkpoints", f"pi_{t}") as out:
@@ -348,6 +445,9 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
             checkpoint_every=cfg.checkpoint_every,
             trust_remote_code=run.config.model.trust_remote_code,
         )
+        from spa_ray.variants.stage import prepare_variant_stage
+
+        spec = prepare_variant_stage(run, t, spec, out)  # unchanged for variant.name=spa (README "Variants")
         started = time.time()
         run_train_stage(spec, run.config.placement.trainer, run.dir.path / "ray_train")
         log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
@@ -356,8 +456,27 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
         flagged = _flag_quality(out, pairs)
         if t >= 1:
             _write_labelled_pairs(run, t, out, pairs)
-    run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=refine, lam=lam, **flagged)
+    run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=spec.refine, lam=spec.lam, **flagged)
     return run.checkpoint(t)
+
+
+def _require_one_batch(run: Run, t: int, pairs: Path) -> None:
+    """NotEnoughPairsError before any worker starts when ``pairs`` cannot fill one global batch."""
+    import pyarrow.parquet as pq
+
+    n = pq.ParquetFile(pairs).metadata.num_rows
+    batch = run.config.training.global_batch_size
+    if n >= batch:
+        return
+    if t == 0:
+        what = f"the seed set D0 holds {n} gold pairs"
+    else:
+        ties = run.dir.stage_info(f"judge_{t}").get("ties", 0) if run.dir.is_done(f"judge_{t}") else 0
+        what = f"iteration {t}'s labelled set holds {n} pairs ({ties} ties dropped by the judge)"
+    raise NotEnoughPairsError(
+        f"train_{t}: {what} in {pairs}, fewer than one global batch "
+        f"(training.global_batch_size={batch}); not training on it. pi_{t - 1 if t else 'init'} is left as it was."
+    )
 
 
 def _write_labelled_pairs(run: Run, t: int, checkpoint: Path, pairs: Path) -> None:
@@ -487,6 +606,6 @@ def print_final_table(run: Run) -> None:
 
 
 __all__ = [
-    "JudgeHealthError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
-    "label_pairs_by_implicit_reward", "prepare_data", "print_final_table", "results_table", "train_policy",
+    "JudgeHealthError", "NotEnoughPairsError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
+    "label_pairs_by_implicit_reward", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "train_policy",
 ]

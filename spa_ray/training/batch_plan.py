@@ -63,3 +63,21 @@ class BatchPlan:
         mine = global_batch[rank :: self.world_size]
         m = self.micro_batch_size
         return [mine[i : i + m] for i in range(0, len(mine), m)]
+
+
+def group_by_length(micro_batches: list[list[int]], lengths) -> list[list[int]]:
+    """The same pairs and micro-batch sizes, regrouped so each micro-batch holds pairs of
+    similar length (longest first): padding to a micro-batch's longest pair shrinks.
+
+    Only the split of one rank's share of ONE optimizer step changes, so the step's
+    gradient (the mean over its equal-size micro-batches) is the same set of pairs, and
+    the grouping stays a pure function of (seed, step): resume-safe. `lengths[i]` is pair
+    i's padded length (prompt + longer response). Ties keep the plan's order.
+    """
+    flat = [i for mb in micro_batches for i in mb]
+    flat.sort(key=lambda i: -int(lengths[i]))  # stable: ties keep the plan's order
+    out, start = [], 0
+    for mb in micro_batches:
+        out.append(flat[start : start + len(mb)])
+        start += len(mb)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..objectives.dpo import dpo_loss, dpo_margin
 from ..objectives.logprobs import sequence_logprobs
 from ..objectives.noise_detection import DEFAULT_CHUNK_SIZE, decoupled_confidence, extrapolated_sequence_logprobs
 from ..objectives.refined import refined_dpo_loss
+
+if TYPE_CHECKING:
+    from ..variants.objective import VariantObjective
 
 SIDES = ("chosen", "rejected")
 FIELDS = ("input_ids", "attention_mask", "response_mask")
@@ -78,12 +82,18 @@ def preference_step(
     total_steps: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     pad_token_id: int = 0,
+    objective: "VariantObjective | None" = None,
 ) -> PreferenceStepOutput:
     """DPO (refine=False) or SPA refined DPO (refine=True) loss and stats for one batch.
 
     refine=True needs `window` (shared across steps; under DP its `gather` must all-gather,
     and every rank must call this at every step). lam = 0 uses pi_theta's own confidence
     (self-refinement without de-coupled detection); lam > 0 the extrapolated model.
+
+    ``objective`` (a ``spa_ray.variants.objective.VariantObjective``) plugs a variant in:
+    a per-pair beta for the loss margin, extra rows in the policy forward, hidden states,
+    and the final loss. None (SPA) runs exactly the code path without it. The judge-scale
+    confidence and noise flags always use the global ``beta``.
     """
     if refine and window is None:
         raise ValueError("window (a ConfidenceWindow) is required when refine=True")
@@ -91,13 +101,22 @@ def preference_step(
     B = batch["chosen_input_ids"].shape[0]
     ids, attn, resp = cat["input_ids"], cat["attention_mask"], cat["response_mask"]
 
-    policy_logits = policy(input_ids=ids, attention_mask=attn).logits
+    if objective is None:
+        policy_logits = policy(input_ids=ids, attention_mask=attn).logits
+    else:
+        policy_logits, variant_rows = _variant_forward(policy, objective, batch, cat, pad_token_id)
     with torch.no_grad():
         ref_logits = reference(input_ids=ids, attention_mask=attn).logits
 
     pol = sequence_logprobs(policy_logits, ids, resp)
     ref = sequence_logprobs(ref_logits, ids, resp)
     margin = dpo_margin(pol[:B], pol[B:], ref[:B], ref[B:], beta)
+    base_margin = margin
+    pair_beta = objective.pair_beta(batch) if objective is not None else None
+    if pair_beta is not None:  # SP2DPO: beta_i in the loss only
+        from ..objectives.sp2dpo import per_pair_dpo_margin
+
+        margin = per_pair_dpo_margin(pol[:B], pol[B:], ref[:B], ref[B:], pair_beta.to(pol.dtype))
 
     z = confidence = None
     if refine:
@@ -107,7 +126,19 @@ def preference_step(
         losses = refined_dpo_loss(margin, z, alpha)
     else:
         losses = dpo_loss(margin)
-    loss = losses.mean()
+    variant_stats: dict[str, float] = {}
+    if objective is None:
+        loss = losses.mean()
+    else:
+        from ..objectives.logprobs import response_lengths
+        from ..variants.objective import StepContext
+
+        lengths = response_lengths(resp)
+        loss, variant_stats = objective.loss(StepContext(
+            losses=losses, margin=margin, base_margin=base_margin, policy_chosen=pol[:B], policy_rejected=pol[B:],
+            ref_chosen=ref[:B], ref_rejected=ref[B:], chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+            beta=beta, step=step, total_steps=total_steps, batch=batch, z=z, **variant_rows,
+        ))
 
     with torch.no_grad():
         m = margin.detach()
@@ -122,5 +153,45 @@ def preference_step(
             "z_rate": float(z.float().mean()) if z is not None else 0.0,
             "tau": float(window.tau) if (refine and window.tau is not None) else math.nan,
             "confidence": float(confidence.mean()) if confidence is not None else math.nan,
+            **variant_stats,
         }
     return PreferenceStepOutput(loss=loss, stats=stats, z=z, confidence=confidence)
+
+
+def _variant_forward(policy, objective, batch: dict, cat: dict, pad_token_id: int):
+    """The variant's single policy forward: the stacked pairs plus any extra rows (SSPO's
+    unpaired responses), with hidden states when asked. Returns the pairs' logits [2B, T]
+    and the StepContext fields of the extra rows and pooled hidden states."""
+    from ..objectives.logprobs import response_lengths
+    from ..objectives.sppo import mean_pool
+
+    ids, attn, resp = cat["input_ids"], cat["attention_mask"], cat["response_mask"]
+    n, T = ids.shape
+    extra = objective.extra_rows(batch)
+    if extra is not None:
+        T_all = max(T, extra["input_ids"].shape[1])
+        parts = {}
+        for f, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("response_mask", 0)):
+            rows = []
+            for t in (cat[f], extra[f]):
+                padded = t.new_full((t.shape[0], T_all), fill)
+                padded[:, : t.shape[1]] = t
+                rows.append(padded)
+            parts[f] = torch.cat(rows, dim=0)
+        ids_all, attn_all, resp_all = parts["input_ids"], parts["attention_mask"], parts["response_mask"]
+    else:
+        ids_all, attn_all, resp_all = ids, attn, resp
+    if objective.needs_hidden_states:
+        out = policy(input_ids=ids_all, attention_mask=attn_all, output_hidden_states=True)
+    else:
+        out = policy(input_ids=ids_all, attention_mask=attn_all)
+    logits = out.logits
+    fields: dict = {}
+    if extra is not None:
+        fields["extra_logps"] = sequence_logprobs(logits[n:], ids_all[n:], resp_all[n:])
+        fields["extra_lengths"] = response_lengths(resp_all[n:])
+    if objective.needs_hidden_states:
+        B = n // 2
+        pooled = mean_pool(out.hidden_states[-1][:n, :T], resp.bool())
+        fields["hidden_chosen"], fields["hidden_rejected"] = pooled[:B], pooled[B:]
+    return logits[:n, :T], fields

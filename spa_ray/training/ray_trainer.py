@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spa_ray.pipeline.config import ActorGroup
-from spa_ray.training.worker import TrainStageSpec, train_loop_per_worker
+from spa_ray.training.worker import NonFiniteLossError, TrainStageSpec, train_loop_per_worker
 
 
 def run_train_stage(spec: TrainStageSpec, workers: ActorGroup, storage_dir: str | Path, max_failures: int = 2) -> Path:
@@ -35,5 +35,27 @@ def run_train_stage(spec: TrainStageSpec, workers: ActorGroup, storage_dir: str 
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        cause = _nonfinite_cause(exc)
+        if cause is not None:  # the worker's own message, not a Ray Train traceback
+            raise NonFiniteLossError(cause) from None
+        raise
     return Path(spec.output_dir)
+
+
+def _nonfinite_cause(exc: BaseException) -> str | None:
+    """The message of a NonFiniteLossError raised by any worker behind a Ray Train error."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, NonFiniteLossError) and not isinstance(getattr(e, "cause", None), NonFiniteLossError):
+            return str(e)
+        todo += list(getattr(e, "worker_failures", {}).values())
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from spa_ray.objectives.confidence_window import ConfidenceWindow
 from spa_ray.objectives.distributed import all_gather_1d
-from spa_ray.training.batch_plan import BatchPlan
+from spa_ray.training.batch_plan import BatchPlan, group_by_length
 from spa_ray.training.pairs_table import read_pairs
 from spa_ray.training.preference_step import preference_step
 
@@ -62,6 +62,7 @@ class TrainStageSpec:
     noise_chunk_size: int = 128
     checkpoint_every: int = 0
     trust_remote_code: bool = False
+    variant: dict | None = None  # resolved by spa_ray.variants.stage; None = SPA (README "Variants")
     fail_at_step: int = -1  # tests only: the last rank raises once at this step (fault injection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +106,9 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     from spa_ray.models.loading import load_causal_lm, load_tokenizer
 
     spec = TrainStageSpec(**spec_dict)
+    nonfinite_marker = Path(spec.output_dir) / ".nonfinite_loss"
+    if nonfinite_marker.exists():  # a restart after a NaN/inf would only meet it again
+        raise NonFiniteLossError(nonfinite_marker.read_text(encoding="utf-8"))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -129,6 +133,10 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         epochs=spec.epochs,
         seed=spec.seed,
     )
+
+    pair_lengths = [
+        len(p) + max(len(c), len(r)) for p, c, r in zip(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])
+    ]
 
     def pair_at(i: int) -> TokenizedPair:
         prompt = [int(t) for t in table["prompt_ids"][i]]
@@ -173,6 +181,12 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         warmup_fraction=spec.denoise_warmup,
         gather=all_gather_1d if world > 1 else None,
     )
+    variant = None
+    if spec.variant is not None:
+        from spa_ray.variants.training import TrainVariant
+
+        variant = TrainVariant(spec.variant, table, seed=spec.seed, rank=rank, micro_batch_size=spec.micro_batch_size,
+                               gather=all_gather_1d if world > 1 else None)
 
     start_step = 0
     restored = ray.train.get_checkpoint()
@@ -181,11 +195,19 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
             _, client = engine.load_checkpoint(ckpt_dir, tag="latest_step")
             start_step = int(client["next_step"])
             window.load_state_dict(client["window"])
-            rng = torch.load(Path(ckpt_dir) / f"rng_rank{rank}.pt", weights_only=False)
-            _set_rng_state(rng)
+            if variant is not None and "variant" in client:
+                variant.load_state_dict(client["variant"])
+            saved = torch.load(Path(ckpt_dir) / f"rng_rank{rank}.pt", weights_only=True)
+            _set_rng_state(saved)
 
     log_path = Path(spec.output_dir) / "train_log.jsonl"
     flags_rows: list[tuple[int, int, float, float]] = []  # (pair index, epoch, confidence, z)
+    if restored is not None:
+        flags_rows = [tuple(r) for r in saved.get("flags", [])]
+        if rank == 0 and log_path.exists():  # steps >= start_step are redone: drop their lines
+            kept = [x for x in log_path.read_text(encoding="utf-8").splitlines()
+                    if x.strip() and json.loads(x)["step"] < start_step]
+            log_path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     engine.train()
     progress = tqdm(
         total=plan.total_steps, initial=start_step, desc=spec.stage, unit="step", disable=rank != 0, mininterval=2.0
@@ -199,29 +221,47 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                 marker.write_text("injected")
                 raise RuntimeError(f"injected worker failure at step {step}")
         step_stats: list[dict[str, float]] = []
-        for micro in plan.micro_batches(step, rank):
+        micro_batches = plan.micro_batches(step, rank)
+        if variant is None:  # similar lengths per micro-batch: less padding (docs/performance.md)
+            micro_batches = group_by_length(micro_batches, pair_lengths)
+        for j, micro in enumerate(micro_batches):
             batch = collate_preference_pairs([pair_at(i) for i in micro], tokenizer.pad_token_id)
+            if variant is not None:
+                batch.update(variant.batch_extras(micro, step, j, tokenizer.pad_token_id))
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = preference_step(
-                engine,
-                reference,
-                batch,
-                beta=spec.beta,
-                refine=spec.refine,
-                alpha=spec.alpha,
-                lam=spec.lam,
-                window=window if spec.refine else None,
-                step=step,
-                total_steps=plan.total_steps,
-                chunk_size=spec.noise_chunk_size,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            try:
+                out = preference_step(
+                    engine,
+                    reference,
+                    batch,
+                    beta=spec.beta,
+                    refine=spec.refine,
+                    alpha=spec.alpha,
+                    lam=spec.lam,
+                    window=window if spec.refine else None,
+                    step=step,
+                    total_steps=plan.total_steps,
+                    chunk_size=spec.noise_chunk_size,
+                    pad_token_id=tokenizer.pad_token_id,
+                    objective=variant.objective if variant is not None else None,
+                )
+            except ValueError as exc:  # e.g. the confidence window refusing NaN confidences
+                if "finite" not in str(exc):
+                    raise
+                message = (
+                    f"stage {spec.stage}: non-finite values at step {step} (rank {rank}): {exc}; stopping: the "
+                    "previous checkpoint is left as it was. Lower training.learning_rate or check the pairs table."
+                )
+                nonfinite_marker.write_text(message, encoding="utf-8")
+                raise NonFiniteLossError(message) from None
             if not torch.isfinite(out.loss):
-                raise NonFiniteLossError(
+                message = (
                     f"stage {spec.stage}: non-finite loss {float(out.loss)} at step {step} (rank {rank}); "
                     "stopping: the previous checkpoint is left as it was. Lower training.learning_rate "
                     "or check the pairs table for empty responses."
                 )
+                nonfinite_marker.write_text(message, encoding="utf-8")
+                raise NonFiniteLossError(message)
             engine.backward(out.loss)
             engine.step()
             step_stats.append(out.stats)
@@ -239,9 +279,10 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < plan.total_steps:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(
-                    tmp, tag="latest_step", client_state={"next_step": step + 1, "window": window.state_dict()}
+                    tmp, tag="latest_step", client_state={"next_step": step + 1, "window": window.state_dict(),
+                                  **({"variant": variant.state_dict()} if variant is not None else {})}
                 )
-                torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+                torch.save({**_rng_state(), "flags": flags_rows}, Path(tmp) / f"rng_rank{rank}.pt")
                 ray.train.report(stats, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     progress.close()

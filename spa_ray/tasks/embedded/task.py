@@ -23,6 +23,8 @@ class EmbeddedTask(Task):
     """
 
     name = "embedded"
+    #: where the evaluation set starts in each data seed's permutation (the default seed size)
+    LAYOUT_SEED_FRACTION = 0.033
 
     def __init__(
         self,
@@ -64,21 +66,30 @@ class EmbeddedTask(Task):
             raise ValueError(f"split sizes seed={n_seed} iterations={n_its} evaluation={n_eval} need {need} "
                              f"prompts; the world has {total}")
         order = self._permutation(seed)
-        seed_set = order[:n_seed]
-        evaluation = order[n_seed : n_seed + n_eval]
-        pos = n_seed + n_eval
+        # The evaluation and iteration sets sit at fixed places of the permutation (after a
+        # seed region of the default 3.3%), so a seed-size ablation changes only the seed
+        # set, as in the paper's Table 3. A larger seed set takes its extra prompts from the
+        # end of the permutation; a smaller one is a prefix of the default seed set.
+        anchor = round(self.LAYOUT_SEED_FRACTION * total)
+        evaluation = order[anchor : anchor + n_eval]
+        pos = anchor + n_eval
         its = []
         for n in n_its:
             its.append(order[pos : pos + n])
             pos += n
+        extra = max(0, n_seed - anchor)
+        if pos + extra > total:
+            raise ValueError(f"split sizes seed={n_seed} iterations={n_its} evaluation={n_eval} need "
+                             f"{pos + extra} prompts with the fixed layout; the world has {total}")
+        seed_set = order[: min(n_seed, anchor)] + (order[total - extra :] if extra else [])
         return PromptSplits(seed=seed_set, iterations=its, evaluation=evaluation, data_seed=seed)
 
     def training_prompts(self, seed: int = 0, n_evaluation: int | None = None) -> list[str]:
         """Every prompt except the evaluation set of ``seed``: the "100%" gold-label budget."""
         n_eval = self.default_evaluation if n_evaluation is None else int(n_evaluation)
         order = self._permutation(seed)
-        n_seed = round(self.seed_fraction * len(order))
-        return order[:n_seed] + order[n_seed + n_eval :]
+        anchor = round(self.LAYOUT_SEED_FRACTION * len(order))
+        return order[:anchor] + order[anchor + n_eval :]
 
     def _permutation(self, seed: int) -> list[str]:
         order = self.world.all_prompts()

@@ -1,0 +1,320 @@
+"""End to end: one SPA iteration on the embedded default, Ray actors vs one sequential process.
+
+Both sides start from the same state -- a run directory where prepare, the pi_init
+evaluation, the seed DPO (pi_0) and its evaluation are finished (built once per `--root`;
+`training.seed_epochs` 1 there to save time, which changes only pi_0's quality) -- and do
+iteration 1 of Algorithm 1 on the same data:
+
+  health check (held-out gold pairs) -> generate 2 samples for each X_1 prompt with pi_0
+  -> label by the implicit reward (pi_0 vs pi_init) -> refined DPO (1 epoch, lambda 1/2,
+  init = ref = pi_0) -> evaluate pi_1 (gold win rate vs pi_init on the evaluation prompts)
+
+- `ray_default`: the project's stage functions (``pipeline.stages``) on a local Ray
+  cluster with the embedded default placement (1 generator, 1 judge, 1 DeepSpeed
+  trainer worker); actor pools are created inside the timed iteration (cold, as for
+  iteration 1 of a run; ray.init itself is not timed).
+- `ray_2actors` (`--two-actors`): the same with 2 generators and 2 judges.
+- `sequential`: the same library functions in THIS process, no Ray, no actors, no
+  DeepSpeed, no run-directory ledger or telemetry: load pi_0 and pi_init, generate,
+  score, a plain torch AdamW loop over ``preference_step``, save pi_1, evaluate. This is
+  how the official SPA code runs (one script per stage, one process each).
+
+Sides alternate (A B A B ...); each repetition is a fresh copy of the base run. Per-stage
+times are reported for each side so the overhead can be located.
+
+    python benchmarks/bench_e2e.py                 # X_1 = the embedded default (1,000 prompts), 2 rounds
+    python benchmarks/bench_e2e.py --toy --reps 1  # the tiny model and a few prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as bc  # noqa: E402
+
+STAGES = ("health", "generate", "judge", "train", "evaluate")
+
+
+def base_overrides(args, root: Path, name: str, iterations: int) -> list[str]:
+    o = [f"run.root={root}", f"run.name={name}", f"run.iterations={iterations}",
+         "training.seed_epochs=1", "judge.health_floor=0.0"]
+    if args.model:
+        o.append(f"model.name_or_path={args.model}")
+    if args.prompts is not None:
+        o.append(f"data.task_kwargs={{n_iterations: [{args.prompts}, {args.prompts}]}}")
+    if args.toy:
+        o += ["evaluation.num_prompts=4", "generation.max_new_tokens=24", "training.global_batch_size=4",
+              "training.micro_batch_size=2", "judge.max_tokens_per_batch=512"]
+    return o
+
+
+def ensure_base(args, root: Path):
+    """The run directory with everything before iteration 1 finished (built once)."""
+    from spa_ray.pipeline.config import load_config
+    from spa_ray.pipeline.driver import run_spa
+
+    config = load_config(None, base_overrides(args, root, "base", 0))
+    if not (root / "base" / "stages.json").exists() or '"eval_pi_0"' not in (root / "base" / "stages.json").read_text():
+        bc.log(f"building the base run (prepare, eval init, seed DPO, eval pi_0) in {root / 'base'}")
+        with contextlib.redirect_stdout(sys.stderr):
+            run_spa(config)
+    return config
+
+
+def fresh_copy(root: Path, name: str) -> Path:
+    dst = root / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(root / "base", dst, ignore=shutil.ignore_patterns("ray_train", "tensorboard"))
+    (dst / "config.yaml").unlink()  # the copy is its own run (name differs); same settings otherwise
+    return dst
+
+
+# ----------------------------------------------------------------------------- Ray side
+def ray_iteration(args, root: Path, name: str, extra: list[str]) -> dict[str, float]:
+    from spa_ray.pipeline.config import load_config
+    from spa_ray.pipeline import stages as S
+
+    fresh_copy(root, name)
+    config = load_config(None, base_overrides(args, root, name, 1) + extra)
+    times: dict[str, float] = {}
+    with contextlib.redirect_stdout(sys.stderr), S.Run.open(config) as run:
+        t0 = time.perf_counter()
+        data = S.prepare_data(run)
+        S.check_judge_health(run, 1, data)
+        times["health"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        gens = S.generate_responses(run, 1, prompts=data.iteration_prompts[0])
+        times["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pairs = S.label_pairs_by_implicit_reward(run, 1, gens)
+        times["judge"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pi_1 = S.train_policy(run, t=1, policy=run.checkpoint(0), pairs=pairs)
+        times["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        summary = S.evaluate(run, policy=pi_1, version=2, name="pi_1")
+        times["evaluate"] = time.perf_counter() - t
+        times["total"] = time.perf_counter() - t0
+    times["win_rate"] = summary.get("win_rate", math.nan)
+    return times
+
+
+# ---------------------------------------------------------------------- sequential side
+def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float]:
+    """Iteration 1 in this process with the same library functions and no Ray."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from spa_ray.data.collate import collate_preference_pairs
+    from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
+    from spa_ray.evaluation.win_rates import gold_win_rate
+    from spa_ray.generation.base import SamplingConfig
+    from spa_ray.generation.transformers_backend import TransformersGenerator
+    from spa_ray.judging.implicit_reward import implicit_reward, label_pairs
+    from spa_ray.models.loading import load_causal_lm, load_tokenizer
+    from spa_ray.models.scoring import batched_policy_reference_logprobs
+    from spa_ray.objectives.confidence_window import ConfidenceWindow
+    from spa_ray.objectives.noise_detection import lambda_for_iteration
+    from spa_ray.pipeline.stages import BASELINE_SEED_OFFSET, EVAL_SEED_OFFSET  # noqa: F401
+    from spa_ray.pipeline.tables import read_json, read_parquet, write_parquet
+    from spa_ray.tasks.base import load_task
+    from spa_ray.training.batch_plan import BatchPlan, group_by_length
+    from spa_ray.training.preference_step import preference_step
+
+    run_dir = fresh_copy(root, name)
+    out = run_dir / "sequential"
+    out.mkdir()
+    cfg, g, j, tr = config, config.generation, config.judge, config.training
+    task = load_task(cfg.data.task, **cfg.data.task_kwargs)
+    pi_init = cfg.model.name_or_path or str(task.default_model())
+    pi_0 = str(run_dir / "checkpoints" / "pi_0")
+    prompts = read_json(run_dir / "data" / "prepare" / "prompts.json")
+    times: dict[str, float] = {}
+
+    def score(policy, reference, p_ids, r_ids):
+        pol, ref = batched_policy_reference_logprobs(policy, reference, p_ids, r_ids, pad,
+                                                     max_tokens_per_batch=j.max_tokens_per_batch)
+        return implicit_reward(pol, ref, j.beta)
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(pi_init)
+    pad = tok.pad_token_id
+    policy = load_causal_lm(pi_0, dtype="auto", device="cpu")
+    init = load_causal_lm(pi_init, dtype="auto", device="cpu")
+    hold = read_parquet(run_dir / "data" / "prepare" / "judge_holdout.parquet")
+    n = len(hold["prompt_ids"])
+    r = score(policy, init, hold["prompt_ids"] * 2, hold["chosen_ids"] + hold["rejected_ids"])
+    lab = label_pairs(r[:n], r[n:])
+    _health = float((lab.first_is_chosen.float() + 0.5 * lab.is_tie.float()).mean())
+    times["health"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    gen_tok = load_tokenizer(pi_0, padding_side="left")
+    generator = TransformersGenerator.from_model(policy, gen_tok, max_batch_size=g.batch_size)
+    x1 = prompts["iterations"][0]
+    seqs = generator.generate(x1, SamplingConfig(n=2, temperature=g.temperature, top_p=g.top_p,
+                                                 max_new_tokens=g.max_new_tokens, seed=cfg.run.seed * 100 + 1))
+    write_parquet(out / "generations.parquet", {
+        "prompt": [x1[s.prompt_index] for s in seqs], "prompt_ids": [s.prompt_ids for s in seqs],
+        "response_ids": [s.response_ids for s in seqs], "text": [s.text for s in seqs]})
+    times["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    first, second = seqs[0::2], seqs[1::2]
+    m = len(first)
+    r = score(policy, init, [s.prompt_ids for s in first] * 2,
+              [s.response_ids for s in first] + [s.response_ids for s in second])
+    lab = label_pairs(r[:m], r[m:])
+    cols: dict[str, list] = {k: [] for k in ("prompt", "prompt_ids", "chosen_ids", "rejected_ids", "chosen", "rejected")}
+    for i in range(m):
+        if bool(lab.is_tie[i]):
+            continue
+        w, lo = (first[i], second[i]) if bool(lab.first_is_chosen[i]) else (second[i], first[i])
+        cols["prompt"].append(x1[w.prompt_index])
+        cols["prompt_ids"].append(w.prompt_ids)
+        cols["chosen_ids"].append(w.response_ids)
+        cols["rejected_ids"].append(lo.response_ids)
+        cols["chosen"].append(w.text)
+        cols["rejected"].append(lo.text)
+    cols["gold_chosen"] = task.score_many(cols["prompt"], cols["chosen"])
+    cols["gold_rejected"] = task.score_many(cols["prompt"], cols["rejected"])
+    write_parquet(out / "pairs.parquet", cols)
+    times["judge"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reference = load_causal_lm(pi_0, dtype="auto", device="cpu")  # init = ref = pi_0
+    reference.requires_grad_(False)
+    reference.eval()
+    policy.train()
+    plan = BatchPlan(num_pairs=len(cols["prompt_ids"]), global_batch_size=tr.global_batch_size,
+                     micro_batch_size=tr.micro_batch_size, world_size=1, epochs=tr.iteration_epochs,
+                     seed=cfg.run.seed * 100 + 1)
+    opt = torch.optim.AdamW(policy.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(tr.warmup_ratio * plan.total_steps), plan.total_steps)
+    window = ConfidenceWindow(tr.confidence_window, tr.k_percent, tr.denoise_warmup)
+    lam = lambda_for_iteration(1, first=tr.lambda_first)
+
+    def seq(p, y):
+        ids = list(p) + list(y)
+        return TokenizedSequence(input_ids=ids, attention_mask=[1] * len(ids),
+                                 response_mask=[False] * len(p) + [True] * len(y),
+                                 prompt_len=len(p), response_len=len(y))
+
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
+    for step in range(plan.total_steps):
+        for micro in group_by_length(plan.micro_batches(step, 0), lengths):  # as the worker does
+            items = [TokenizedPair(chosen=seq(cols["prompt_ids"][i], cols["chosen_ids"][i]),
+                                   rejected=seq(cols["prompt_ids"][i], cols["rejected_ids"][i])) for i in micro]
+            batch = collate_preference_pairs(items, pad)
+            res = preference_step(policy, reference, batch, beta=tr.beta, refine=True, alpha=tr.alpha, lam=lam,
+                                  window=window, step=step, total_steps=plan.total_steps,
+                                  chunk_size=tr.noise_chunk_size, pad_token_id=pad)
+            (res.loss / plan.accumulation_steps).backward()
+        if tr.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), tr.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    policy.eval()
+    policy.save_pretrained(out / "pi_1", safe_serialization=True)
+    tok.save_pretrained(out / "pi_1")
+    times["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ev = prompts["evaluation"][: cfg.evaluation.num_prompts]
+    samples = generator.generate(ev, SamplingConfig(n=cfg.evaluation.samples_per_prompt, temperature=g.temperature,
+                                                    top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                                    seed=cfg.run.seed + EVAL_SEED_OFFSET))
+    mine = task.score_many([ev[s.prompt_index] for s in samples], [s.text for s in samples])
+    base = read_parquet(run_dir / "eval" / "baseline" / "samples.parquet")
+    times["win_rate"] = gold_win_rate(mine, base["gold"])
+    times["evaluate"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    bc.common_args(ap, default_reps=2)
+    bc.add_model_arg(ap)
+    ap.add_argument("--prompts", type=int, default=None, help="|X_1| (default: the embedded default, 1,000)")
+    ap.add_argument("--root", type=Path, default=None, help="where the base and per-round runs live")
+    ap.add_argument("--two-actors", action="store_true", help="also time Ray with 2 generators and 2 judges")
+    args = ap.parse_args(argv)
+    if args.device != "cpu":
+        bc.log("note: --device cuda places the Ray actors on GPUs via placement; the sequential side stays on CPU")
+    if args.toy:
+        args.prompts = args.prompts or 8
+        if not args.model:
+            args.model = bc.model_path(args)
+    os.environ.setdefault("SPA_RAY_THREADS", str(args.threads))
+    threads = bc.set_threads(args.threads)
+    root = (args.root or bc.DEFAULT_OUT / ("e2e_toy" if args.toy else "e2e")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    for attempt in range(6):  # on an overloaded machine the raylet can miss Ray's 30 s start window
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+            bc.log(f"ray.init failed ({exc}); retrying")
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt == 5:
+                raise
+    try:
+        config = ensure_base(args, root)
+        sides = {
+            "ray_default": lambda k: ray_iteration(args, root, f"ray_default_{k}", []),
+            "sequential": lambda k: sequential_iteration(args, root, f"sequential_{k}", config),
+        }
+        if args.two_actors:
+            two = ["placement.generators.count=2", "placement.judges.count=2"]
+            sides["ray_2actors"] = lambda k: ray_iteration(args, root, f"ray_2actors_{k}", two)
+        results: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+        names = list(sides)
+        for k in range(args.reps):
+            for s in (names if k % 2 == 0 else names[::-1]):
+                bc.log(f"round {k}: {s}")
+                results[s].append(sides[s](k))
+                bc.log(f"round {k}: {s} {results[s][-1]['total']:.1f}s")
+    finally:
+        ray.shutdown()
+
+    info = bc.header("e2e", threads, args.device, {
+        "x1_prompts": args.prompts or 1000, "rounds": args.reps,
+        "base": "embedded default; seed DPO 1 epoch; judge.health_floor 0",
+        "cores": os.cpu_count(), "loadavg_end": bc.loadavg(),
+    })
+    seq_total = bc.med([r["total"] for r in results["sequential"]])
+    rows = []
+    for s in names:
+        rs = results[s]
+        totals = [r["total"] for r in rs]
+        row = {"side": s, "threads_per_process": threads, "total_s_median": bc.med(totals),
+               "total_s_range": bc.spread(totals), "speed_vs_sequential": seq_total / bc.med(totals)}
+        for st in STAGES:
+            row[f"{st}_s"] = bc.med([r[st] for r in rs])
+        row["win_rate_pi1"] = bc.med([r["win_rate"] for r in rs])
+        rows.append(row)
+    cols = ["side", "threads_per_process", "total_s_median", "total_s_range", "speed_vs_sequential"] + \
+        [f"{st}_s" for st in STAGES] + ["win_rate_pi1"]
+    bc.print_table("End to end: one SPA iteration, Ray actors vs one sequential process", info, rows, cols)
+    bc.write_csv(args.out or bc.DEFAULT_OUT / ("e2e_toy.csv" if args.toy else "e2e.csv"), info, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

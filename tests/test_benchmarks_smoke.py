@@ -1,0 +1,96 @@
+"""The benchmark scripts run at a toy size and print their table (no timing is asserted:
+timing targets live in the benchmarks themselves, docs/performance.md)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from spa_ray.tasks.embedded.build import TINY_BUILD, build_embedded_model
+
+    cache = tmp_path_factory.mktemp("embedded-cache")
+    return str(build_embedded_model(cache_dir=cache, spec=TINY_BUILD, log=lambda m: None))
+
+
+def run_script(name: str, args: list[str], tmp_path: Path, timeout: int = 600) -> tuple[str, list[dict]]:
+    out = tmp_path / f"{name}.csv"
+    env = dict(os.environ, SPA_RAY_THREADS="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--toy", "--out", str(out), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "| side |" in res.stdout or "| micro_batch |" in res.stdout or "| pool |" in res.stdout, res.stdout
+    assert "loadavg_start" in res.stdout and "threads" in res.stdout
+    with open(out, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows
+    return res.stdout, rows
+
+
+def test_bench_train_step_toy(tiny_model, tmp_path):
+    pytest.importorskip("trl")
+    stdout, rows = run_script(
+        "bench_train_step",
+        ["--model", tiny_model, "--reps", "1", "--micro-batches", "2", "--global-batch", "4",
+         "--no-memory", "--no-deepspeed"],
+        tmp_path,
+    )
+    assert {r["side"] for r in rows} == {"spa_refined", "trl_dpo", "spa_refined_ungrouped", "spa_dpo"}
+    assert all(float(r["achieved_over_peak"]) > 0 for r in rows)
+
+
+def test_bench_judge_toy(tiny_model, tmp_path):
+    stdout, rows = run_script(
+        "bench_judge", ["--model", tiny_model, "--reps", "1", "--prompts", "4", "--max-new-tokens", "8"], tmp_path
+    )
+    assert [r["side"] for r in rows] == ["batched", "per_pair_loop", "batched_reuse"]
+    # the batched judge and the plain loop label the pairs the same way (up to float ties)
+    assert float(rows[0]["label_agreement_batched_vs_loop"]) >= 0.75
+    assert rows[0]["reference"].endswith("pretrained")  # policy and reference differ
+
+
+@pytest.mark.slow
+def test_bench_generation_toy(tiny_model, tmp_path):
+    stdout, rows = run_script(
+        "bench_generation", ["--model", tiny_model, "--reps", "1", "--prompts", "4", "--max-new-tokens", "8"], tmp_path
+    )
+    assert [int(r["actors"]) for r in rows] == [1, 2]
+    assert rows[0]["identical_samples_both_pools"] == "True"
+
+
+@pytest.mark.slow
+def test_bench_e2e_toy(tiny_model, tmp_path):
+    stdout, rows = run_script(
+        "bench_e2e", ["--model", tiny_model, "--reps", "1", "--prompts", "8", "--root", str(tmp_path / "runs")],
+        tmp_path, timeout=1800,
+    )
+    assert {r["side"] for r in rows} == {"ray_default", "sequential"}
+
+
+def test_group_by_length_keeps_each_steps_pairs_and_sizes():
+    """The worker's length grouping (docs/performance.md, change 1) only reorders within a step."""
+    from spa_ray.training.batch_plan import BatchPlan, group_by_length
+
+    plan = BatchPlan(num_pairs=50, global_batch_size=16, micro_batch_size=4, world_size=2, epochs=1, seed=3)
+    lengths = [(7 * i) % 23 + 5 for i in range(50)]
+    for step in range(plan.total_steps):
+        for rank in range(2):
+            before = plan.micro_batches(step, rank)
+            after = group_by_length(before, lengths)
+            assert sorted(i for mb in after for i in mb) == sorted(i for mb in before for i in mb)
+            assert [len(mb) for mb in after] == [len(mb) for mb in before]
+            flat = [lengths[i] for mb in after for i in mb]
+            assert flat == sorted(flat, reverse=True)
+            assert group_by_length(before, lengths) == after  # a pure function of the plan

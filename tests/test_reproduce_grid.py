@@ -1,0 +1,154 @@
+"""benchmarks/reproduce.py: the reduced grid (benchmarks/grids/smoke.yaml) through the real
+driver on a real local Ray cluster, and the label-quality and claim arithmetic it reports.
+
+The smoke grid is two cells (SPA; iterative DPO with the reward-model judge), one data
+seed, toy sizes, on the embedded task's seconds-scale TINY_BUILD model.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _load_reproduce()
+
+
+# ------------------------------------------------------------------ the arithmetic
+def test_label_quality_counts_agreement_before_and_after_refinement(tmp_path):
+    # 6 pairs: gold winner chosen in 0, 1, 2, 3; wrong in 4, 5; pair 6 gold tie (ignored); pair 7 no z (last partial batch)
+    table = {
+        "prompt_ids": [[1]] * 8, "chosen_ids": [[2]] * 8, "rejected_ids": [[3]] * 8,
+        "gold_chosen": [5.0, 5.0, 5.0, 5.0, 1.0, 2.0, 3.0, 4.0],
+        "gold_rejected": [1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 3.0, 1.0],
+        "z": [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, None],
+    }
+    path = tmp_path / "labelled_pairs.parquet"
+    pq.write_table(pa.table(table), str(path))
+    q = reproduce.label_quality(path, alpha=0.1)
+    assert q["decided_pairs"] == 7
+    assert q["agreement"] == pytest.approx(5 / 7)  # before refinement: every decided pair, z or not
+    # with z known (6 pairs): flagged = {3 (right), 4 (wrong)}
+    assert q["flag_rate"] == pytest.approx(2 / 6)
+    assert q["flag_precision"] == pytest.approx(1 / 2)
+    assert q["flag_recall"] == pytest.approx(1 / 2)  # wrong: {4, 5}; 4 flagged
+    assert q["agreement_after"] == pytest.approx((1 + 1 + 1 + 0.9 + 0.1 + 0) / 6)
+    assert q["flag_lift"] == pytest.approx(0.5 - (1 - 5 / 7))
+
+
+def _rows(values_a, values_b, metric="win_rate"):
+    rows = []
+    for seed, (a, b) in enumerate(zip(values_a, values_b)):
+        rows.append({"cell": "a", "seed": seed, "iteration": 2, metric: a})
+        rows.append({"cell": "b", "seed": seed, "iteration": 2, metric: b})
+        rows.append({"cell": "b", "seed": seed, "iteration": 0, metric: 0.5})
+    return rows
+
+
+def test_claims_are_paired_by_seed_and_need_two_standard_errors():
+    holds = reproduce.check_claim(_rows([0.60, 0.62, 0.61], [0.50, 0.51, 0.52]), {"a": "a", "op": ">", "b": "b"})
+    assert holds["verdict"] == "holds" and holds["diff"] == pytest.approx(0.1) and holds["seeds"] == 3
+    noisy = reproduce.check_claim(_rows([0.60, 0.40, 0.56], [0.50, 0.50, 0.50]), {"a": "a", "op": ">", "b": "b"})
+    assert noisy["verdict"] == "direction holds, within noise"
+    opposite = reproduce.check_claim(_rows([0.40, 0.41, 0.42], [0.50, 0.51, 0.52]), {"a": "a", "op": ">", "b": "b"})
+    assert opposite["verdict"] == "does not hold (opposite)"
+    shorter = reproduce.check_claim(_rows([10, 11, 12], [14, 15, 16], "mean_length"),
+                                    {"a": "a", "op": "<", "b": "b", "metric": "mean_length"})
+    assert shorter["verdict"] == "holds"
+    at_pi0 = reproduce.check_claim(_rows([0.6, 0.6], [0.5, 0.5]), {"a": "a", "op": ">", "b": "b@pi0"})
+    assert at_pi0["b_mean"] == 0.5
+    constant = reproduce.check_claim(_rows([0.2, 0.3, 0.25], [0, 0, 0]), {"a": "a", "op": ">", "b": 0})
+    assert constant["verdict"] == "holds"
+    one_seed = reproduce.check_claim(_rows([0.6], [0.5]), {"a": "a", "op": ">", "b": "b"})
+    assert one_seed["verdict"].startswith("direction holds (1 seed")
+    missing = reproduce.check_claim(_rows([0.6], [0.5]), {"a": "a", "op": ">", "b": "nope"})
+    assert missing["verdict"] == "not run"
+
+
+# ------------------------------------------------------------------ the smoke grid
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from spa_ray.tasks.embedded.build import TINY_BUILD, build_embedded_model
+
+    cache = Path(os.environ.get("SPA_RAY_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+    return str(build_embedded_model(cache_dir=cache, spec=TINY_BUILD, log=lambda m: None))
+
+
+def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray_local, tiny_model, tmp_path):
+    root, docs = tmp_path / "grids", tmp_path / "docs" / "results.md"
+    argv = ["--grid", str(REPO / "benchmarks/grids/smoke.yaml"), "--root", str(root), "--in-process",
+            "--set", f"model.name_or_path={tiny_model}", "--docs", str(docs)]
+    assert reproduce.main(argv) == 0
+    out = root / "smoke"
+
+    # raw CSV: one row per cell x evaluated policy (SFT, pi_0, pi_1)
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["cell"], int(r["iteration"])) for r in rows) == [
+        ("rm_judge", -1), ("rm_judge", 0), ("rm_judge", 1), ("spa", -1), ("spa", 0), ("spa", 1)]
+    for r in rows:
+        summary = json.loads((Path(r["run_dir"]) / "eval" / ("init" if r["policy"] == "SFT" else r["policy"]) / "summary.json").read_text())
+        assert float(r["win_rate"]) == pytest.approx(summary["win_rate"])
+        assert r["status"] == "done"
+
+    # the reward-model cell: a judge model trained in the run, its scores are the pairs' rewards
+    rm_run = out / "rm_judge-s0"
+    info = json.loads((rm_run / "judge_model" / "judge.json").read_text())
+    assert info["kind"] == "reward_model" and info["pairs"] == 64
+    ledger = json.loads((rm_run / "stages.json").read_text())["finished"]
+    assert "judge_model" in ledger and "judge_1" in ledger
+    from spa_ray.judging.judge_models import load_model_judge
+
+    pairs = pq.read_table(str(rm_run / "data/iter_1/pairs/pairs.parquet")).to_pydict()
+    judge = load_model_judge(rm_run / "judge_model")
+    scores = judge.scores(pairs["prompt"] + pairs["prompt"], pairs["chosen"] + pairs["rejected"]).tolist()
+    n = len(pairs["prompt"])
+    assert pairs["reward_chosen"] == pytest.approx(scores[:n], abs=1e-5)
+    assert pairs["reward_rejected"] == pytest.approx(scores[n:], abs=1e-5)
+    assert all(c >= r for c, r in zip(pairs["reward_chosen"], pairs["reward_rejected"]))
+    rm_row = next(r for r in rows if r["cell"] == "rm_judge" and r["iteration"] == "1")
+    assert rm_row["judge_kind"] == "reward_model" and rm_row["self_refine"] == "False"
+    assert rm_row["flag_precision"] == ""  # no self-refinement, no flags
+
+    # the SPA cell: label quality recomputed here from the labelled pairs
+    spa_run = out / "spa-s0"
+    assert not (spa_run / "judge_model").exists()
+    labelled = pq.read_table(str(spa_run / "data/iter_1/labelled_pairs.parquet")).to_pydict()
+    decided = [(c > r) for c, r in zip(labelled["gold_chosen"], labelled["gold_rejected"]) if c != r]
+    spa_row = next(r for r in rows if r["cell"] == "spa" and r["iteration"] == "1")
+    assert float(spa_row["agreement"]) == pytest.approx(sum(decided) / len(decided))
+    assert spa_row["agreement_after"] != "" and 0.0 <= float(spa_row["agreement_after"]) <= 1.0
+
+    # report, plots, docs page
+    for name in ("win_rate_curves.png", "lc_win_rate_curves.png", "label_quality.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+        assert (docs.parent / "results" / f"smoke-{name}").exists()
+    assert (docs.parent / "results" / "smoke.csv").read_text() == (out / "results.csv").read_text()
+    page = docs.read_text()
+    assert "| SPA: DE + SR + DND |" in page and "## What holds against the paper" in page
+    assert "SPA beats the reward-model judge" in page and "benchmarks/reproduce.py" in page
+    assert "not run" not in page.split("## What holds against the paper")[1].split("## Plots")[0]
+
+    # a finished grid is not rerun: the ledgers and status files stay as they were
+    before = {p: p.stat().st_mtime_ns for p in list(out.glob("*/stages.json")) + list(out.glob("_status/*.json"))}
+    assert reproduce.main(argv) == 0
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
+    assert not math.isnan(float(spa_row["win_rate"]))
