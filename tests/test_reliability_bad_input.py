@@ -130,7 +130,7 @@ def test_overlapping_prompt_sets_stop_the_run_naming_both_sets(ray_local, tmp_pa
 
 def test_duplicated_prompts_are_dropped_and_overlong_rows_truncated_at_prepare(ray_local, tmp_path, model_dir):
     """Documented policies, not errors: a repeated prompt keeps its first row (the splits
-    stay disjoint); an over-long row is truncated to model.max_prompt_len / max_total_len."""
+    stay disjoint); an over-long row is truncated to model.max_prompt_len / max_total_len. Both are counted."""
     rows = fixture_rows()
     rows[3]["chosen"][1]["content"] = "very long answer " * 200
     rows[3]["rejected"][1]["content"] = "another long answer " * 200
@@ -145,8 +145,20 @@ def test_duplicated_prompts_are_dropped_and_overlong_rows_truncated_at_prepare(r
     import pyarrow.parquet as pq
 
     table = pq.read_table(prepared.seed_pairs).to_pydict()
+    holdout = pq.read_table(prepared.judge_holdout).to_pydict()
     for p, c, r in zip(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"]):
         assert len(p) <= 48 and len(p) + len(c) <= 96 and len(p) + len(r) <= 96 and c and r
+    # both policies are counted, not silent: per row, in the ledger and in metrics.jsonl
+    long_row = rows[3]["prompt"]
+    both = {**dict(zip(table["prompt"], table["truncated_tokens"])),
+            **dict(zip(holdout["prompt"], holdout["truncated_tokens"]))}
+    assert long_row not in both or both[long_row] > 0
+    assert all(n == 0 for prompt, n in both.items() if prompt != long_row)
+    info = json.loads((tmp_path / "runs/bad/stages.json").read_text())["finished"]["prepare"]
+    assert info["duplicate_prompts_dropped"] == 2
+    assert info["seed_pairs_truncated"] + info["judge_holdout_truncated"] == int(long_row in both)
+    metrics = [json.loads(x) for x in (tmp_path / "runs/bad/metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("stage") == "prepare" and m.get("duplicate_prompts_dropped") == 2 for m in metrics)
 
 
 def test_model_folder_without_tokenizer_is_named(ray_local, tmp_path):

@@ -156,17 +156,28 @@ def prepare_data(run: Run) -> PreparedData:
         holdout, train = pairs[:n_holdout], pairs[n_holdout:]
         tokenizer = load_tokenizer(run.pi_init, trust_remote_code=config.model.trust_remote_code)
         limits = dict(max_prompt_len=config.model.max_prompt_len, max_total_len=config.model.max_total_len)
-        with run.dir.stage_dir(stage, "data", "prepare", seed_pairs=len(train), judge_holdout=len(holdout)) as out:
-            for name, subset in (("seed_pairs", train), ("judge_holdout", holdout)):
-                columns = tokenize_gold_pairs(tokenizer, subset, **limits)
-                columns["gold_chosen"] = [p.chosen_score for p in subset]
-                columns["gold_rejected"] = [p.rejected_score for p in subset]
+        report = dict(run.task.data_report())  # e.g. duplicate prompts the task's loader dropped
+        tables = {}
+        for name, subset in (("seed_pairs", train), ("judge_holdout", holdout)):
+            columns = tokenize_gold_pairs(tokenizer, subset, **limits)
+            columns["gold_chosen"] = [p.chosen_score for p in subset]
+            columns["gold_rejected"] = [p.rejected_score for p in subset]
+            report[f"{name}_truncated"] = sum(n > 0 for n in columns["truncated_tokens"])
+            tables[name] = columns
+        if report.get("seed_pairs_truncated") or report.get("judge_holdout_truncated"):
+            print(f"spa-ray: prepare: {report['seed_pairs_truncated']} seed pairs and "
+                  f"{report['judge_holdout_truncated']} held-out pairs were cut to model.max_prompt_len="
+                  f"{limits['max_prompt_len']} / model.max_total_len={limits['max_total_len']} (counted per row in "
+                  "the tables' truncated_tokens column)", flush=True)
+        with run.dir.stage_dir(stage, "data", "prepare", seed_pairs=len(train), judge_holdout=len(holdout),
+                               **report) as out:
+            for name, columns in tables.items():
                 write_pairs(out / f"{name}.parquet", columns)
             write_json(
                 out / "prompts.json",
                 {"iterations": splits.iterations, "evaluation": splits.evaluation, "seed": splits.seed},
             )
-        run.telemetry.stage(stage, seed_pairs=len(train), judge_holdout=len(holdout))
+        run.telemetry.stage(stage, seed_pairs=len(train), judge_holdout=len(holdout), **report)
     folder = run.dir.path / "data" / "prepare"
     prompts = read_json(folder / "prompts.json")
     return PreparedData(

@@ -135,6 +135,11 @@ class Task(abc.ABC):
         """A model (hub id or local path) to use when the config names none; None: the config must name one."""
         return None
 
+    def data_report(self) -> dict[str, int]:
+        """Counts of what loading the task's data skipped or changed (duplicate prompts
+        dropped, rows skipped), recorded by the prepare stage; {} when nothing was."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Small JSON-able summary for run metadata."""
         return {"name": self.name, "class": f"{type(self).__module__}:{type(self).__qualname__}"}

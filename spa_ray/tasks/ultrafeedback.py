@@ -42,7 +42,8 @@ class UltraFeedbackTask(Task):
 
     def _loaded(self):
         if self._pairs is None:
-            self._pairs = load_ultrafeedback(self.dataset, split=self.split, limit=self.limit).pairs
+            loaded = load_ultrafeedback(self.dataset, split=self.split, limit=self.limit)
+            self._pairs, self._load_stats = loaded.pairs, loaded.stats
             self._gold = {p.key: p for p in self._pairs}
         return self._pairs
 
@@ -56,6 +57,12 @@ class UltraFeedbackTask(Task):
             evaluation=[p.prompt for p in splits.holdout],
             data_seed=seed,
         )
+
+    def data_report(self) -> dict[str, int]:
+        self._loaded()
+        stats = self._load_stats.summary()
+        return {"rows_read": stats["rows_read"], "duplicate_prompts_dropped": stats["duplicates_dropped"],
+                "overlong_rows_skipped": stats["overlong_skipped"], "overlong_rows_kept": stats["overlong_kept"]}
 
     def seed_pairs(self, prompts: Sequence[str], seed: int = 0) -> list[PreferencePair]:
         """The dataset's own gold pairs of ``prompts`` (with their file/row provenance)."""

@@ -45,9 +45,13 @@ def tokenize_gold_pairs(
     tokenizer: Any, pairs: Sequence[PreferencePair], *, max_prompt_len: int, max_total_len: int
 ) -> dict[str, list]:
     """Gold (text) pairs -> the token-level table columns, keeping the text for the record."""
-    columns: dict[str, list] = {c: [] for c in ("prompt", "chosen", "rejected", *ID_COLUMNS)}
+    columns: dict[str, list] = {c: [] for c in ("prompt", "chosen", "rejected", *ID_COLUMNS, "truncated_tokens")}
     for pair in pairs:
         tok = tokenize_preference_pair(tokenizer, pair, max_prompt_len=max_prompt_len, max_total_len=max_total_len)
+        # tokens cut by the length limits (prompt once, each response): counted, never silent
+        columns["truncated_tokens"].append(
+            tok.chosen.prompt_truncated + tok.chosen.response_truncated + tok.rejected.response_truncated
+        )
         columns["prompt"].append(pair.prompt)
         columns["chosen"].append(pair.chosen)
         columns["rejected"].append(pair.rejected)
