@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spa_ray.objectives.sp2dpo import CATEGORY_MULTIPLIERS, category_multiplier, per_pair_dpo_margin, sp2dpo_beta
+from _references import policy_reference_logps
 
 
 def test_beta_mapping_float64_reference():
@@ -58,8 +59,7 @@ def test_step_uses_pair_beta_in_loss_and_global_beta_for_noise_detection():
     from test_variants_wdro import _batch
 
     from spa_ray.objectives.confidence_window import ConfidenceWindow
-    from spa_ray.objectives.logprobs import sequence_logprobs
-    from spa_ray.training.preference_step import concat_preference_batch, preference_step
+    from spa_ray.training.preference_step import preference_step
     from spa_ray.variants.objective import SP2DPOObjective
 
     tok = make_tiny_tokenizer()
@@ -73,12 +73,7 @@ def test_step_uses_pair_beta_in_loss_and_global_beta_for_noise_detection():
     # noise detection: global beta, identical confidences and flags
     assert torch.equal(out.confidence, spa.confidence) and torch.equal(out.z, spa.z)
     # loss: refined DPO with beta_i, float64 reference by hand
-    cat = concat_preference_batch(batch)
-    with torch.no_grad():
-        lp = sequence_logprobs(policy(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
-        lr = sequence_logprobs(reference(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
+    lp, lr = policy_reference_logps(policy, reference, batch)
     total = 0.0
     for i in range(4):
         m = float(beta_i[i]) * ((lp[i] - lp[4 + i]) - (lr[i] - lr[4 + i])).item()

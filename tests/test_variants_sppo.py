@@ -14,6 +14,7 @@ from spa_ray.objectives.sppo import (
     sppo_loss,
     win_probabilities,
 )
+from _references import policy_reference_logps
 
 
 def test_sppo_loss_float64_reference():
@@ -63,8 +64,7 @@ def test_step_with_sppo_objective():
     from _tiny_model import make_tiny_llama, make_tiny_tokenizer
     from test_variants_wdro import _batch
 
-    from spa_ray.objectives.logprobs import sequence_logprobs
-    from spa_ray.training.preference_step import concat_preference_batch, preference_step
+    from spa_ray.training.preference_step import preference_step
     from spa_ray.variants.objective import SSPPOObjective
 
     tok = make_tiny_tokenizer()
@@ -74,12 +74,7 @@ def test_step_with_sppo_objective():
     sim = torch.tensor([0.5, 0.95, float("nan"), 0.85])
     vbatch = dict(batch, pair_win_prob=p, pair_similarity=sim)
     out = preference_step(policy, reference, vbatch, beta=0.1, objective=SSPPOObjective(repulsion_weight=0.0))
-    cat = concat_preference_batch(batch)
-    with torch.no_grad():
-        lp = sequence_logprobs(policy(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
-        lr = sequence_logprobs(reference(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
+    lp, lr = policy_reference_logps(policy, reference, batch)
     total = 0.0
     for i in range(4):
         s = sim[i].item()

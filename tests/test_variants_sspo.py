@@ -17,6 +17,7 @@ from spa_ray.objectives.sspo import (
     sspo_loss,
     unpaired_loss,
 )
+from _references import policy_reference_logps
 
 
 @pytest.mark.parametrize(
@@ -127,15 +128,11 @@ def test_step_mixes_paired_and_unpaired_losses():
     out = preference_step(policy, reference, vbatch, beta=0.1, step=2000, total_steps=3000, objective=objective)
 
     # by hand, from separate forwards
-    cat = concat_preference_batch(batch)
+    lp, lr = policy_reference_logps(policy, reference, batch)
     with torch.no_grad():
-        lp = sequence_logprobs(policy(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
-        lr = sequence_logprobs(reference(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"]).logits,
-                               cat["input_ids"], cat["response_mask"]).double()
         lu = sequence_logprobs(policy(input_ids=u_ids, attention_mask=u_attn).logits, u_ids, u_resp).double()
     B = 4
-    lens = response_lengths(cat["response_mask"]).double()
+    lens = response_lengths(concat_preference_batch(batch)["response_mask"]).double()
     r_w, r_l = 2.0 * lp[:B] / lens[:B], 2.0 * lp[B:] / lens[B:]
     delta = bayes_threshold(r_w, r_l, 256)
     r_u = 2.0 * lu / response_lengths(u_resp).double()
