@@ -120,6 +120,32 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int):
             yield epoch, order[i : i + batch_size]
 
 
+def _train_loop(model, n_examples: int, spec: JudgeTrainSpec, step_loss, name: str, log) -> dict:
+    """The judges' shared loop: AdamW + warm-up/cosine, clipping, shuffled batches per
+    epoch. ``step_loss(idx) -> (loss, accuracy)`` is one batch's loss and its accuracy."""
+    total = math.ceil(n_examples / spec.batch_size) * spec.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    sched = _scheduler(opt, total, spec.warmup_ratio)
+    model.train()
+    t0, losses, accs = time.time(), [], []
+    for step, (_, idx) in enumerate(_batches(n_examples, spec.batch_size, spec.epochs, spec.seed)):
+        loss, accuracy = step_loss(idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        accs.append(accuracy)
+        if (step + 1) % max(1, total // 5) == 0 or step + 1 == total:
+            k = max(1, min(20, len(losses)))
+            _log(log, f"{name} step {step + 1}/{total} loss {sum(losses[-k:]) / k:.3f} acc {sum(accs[-k:]) / k:.2f}")
+    model.eval()
+    k = max(1, min(20, len(losses)))
+    return {"steps": total, "seconds": time.time() - t0, "final_loss": sum(losses[-k:]) / k,
+            "final_train_accuracy": sum(accs[-k:]) / k}
+
+
 def _tokenizer(path):
     from spa_ray.models.loading import load_tokenizer
 
@@ -154,32 +180,16 @@ def train_reward_model(base_path, pairs: Sequence, out_dir, spec: JudgeTrainSpec
     for p in pairs:
         prompt = encode_prompt(tok, p.prompt)
         enc.append((_fit(prompt, encode_response(tok, p.chosen), max_len), _fit(prompt, encode_response(tok, p.rejected), max_len)))
-    total = math.ceil(len(enc) / spec.batch_size) * spec.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
-    sched = _scheduler(opt, total, spec.warmup_ratio)
-    model.train()
-    t0, losses, accs = time.time(), [], []
-    for step, (epoch, idx) in enumerate(_batches(len(enc), spec.batch_size, spec.epochs, spec.seed)):
+    def step_loss(idx):
         seqs = [enc[i][0] for i in idx] + [enc[i][1] for i in idx]
         ids, am = _right_pad(seqs, tok.pad_token_id, spec.device)
         r = scalar_rewards(model, ids, am)
         n = len(idx)
-        loss = bradley_terry_loss(r[:n], r[n:]).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        accs.append(float((r[:n] > r[n:]).float().mean()))
-        if (step + 1) % max(1, total // 5) == 0 or step + 1 == total:
-            k = max(1, min(20, len(losses)))
-            _log(log, f"reward model step {step + 1}/{total} loss {sum(losses[-k:]) / k:.3f} acc {sum(accs[-k:]) / k:.2f}")
-    model.eval()
-    k = max(1, min(20, len(losses)))
+        return bradley_terry_loss(r[:n], r[n:]).mean(), float((r[:n] > r[n:]).float().mean())
+
+    trained = _train_loop(model, len(enc), spec, step_loss, "reward model", log)
     info = {
-        "kind": "reward_model", "base": os.fspath(base_path), "pairs": len(enc), "steps": total,
-        "seconds": time.time() - t0, "final_loss": sum(losses[-k:]) / k, "final_train_accuracy": sum(accs[-k:]) / k,
+        "kind": "reward_model", "base": os.fspath(base_path), "pairs": len(enc), **trained,
         "max_length": max_len, "spec": asdict(spec),
     }
     _save(model, tok, Path(out_dir), info)
@@ -245,35 +255,18 @@ def train_llm_judge(base_path, pairs: Sequence, out_dir, spec: JudgeTrainSpec | 
     for p, (question, answer) in zip([p for p in pairs for _ in range(2)], examples):
         first, second = (p.chosen, p.rejected) if answer == ANSWER_A else (p.rejected, p.chosen)
         enc.append((_question_ids(tok, p.prompt, first, second, max_len), id_a if answer == ANSWER_A else id_b))
-    total = math.ceil(len(enc) / spec.batch_size) * spec.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
-    sched = _scheduler(opt, total, spec.warmup_ratio)
-    model.train()
-    t0, losses, accs = time.time(), [], []
-    for step, (epoch, idx) in enumerate(_batches(len(enc), spec.batch_size, spec.epochs, spec.seed)):
+    def step_loss(idx):
         logits = _next_token_logits(model, [enc[i][0] for i in idx], tok.pad_token_id, spec.device)
         target = torch.tensor([enc[i][1] for i in idx], device=logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             la, lb = option_logprobs(logits.detach(), id_a, id_b)
-            said_a = la > lb
-            accs.append(float((said_a == (target == id_a)).float().mean()))
-        losses.append(float(loss.detach()))
-        if (step + 1) % max(1, total // 5) == 0 or step + 1 == total:
-            k = max(1, min(20, len(losses)))
-            _log(log, f"LLM judge step {step + 1}/{total} loss {sum(losses[-k:]) / k:.3f} acc {sum(accs[-k:]) / k:.2f}")
-    model.eval()
-    k = max(1, min(20, len(losses)))
+            accuracy = float(((la > lb) == (target == id_a)).float().mean())
+        return torch.nn.functional.cross_entropy(logits.float(), target), accuracy
+
+    trained = _train_loop(model, len(enc), spec, step_loss, "LLM judge", log)
     info = {
-        "kind": "llm_as_judge", "base": os.fspath(base_path), "pairs": len(pairs), "examples": len(enc),
-        "steps": total, "seconds": time.time() - t0, "final_loss": sum(losses[-k:]) / k,
-        "final_train_accuracy": sum(accs[-k:]) / k, "answer_ids": [id_a, id_b], "answers_added": added,
-        "max_length": max_len, "spec": asdict(spec),
+        "kind": "llm_as_judge", "base": os.fspath(base_path), "pairs": len(pairs), "examples": len(enc), **trained,
+        "answer_ids": [id_a, id_b], "answers_added": added, "max_length": max_len, "spec": asdict(spec),
     }
     _save(model, tok, Path(out_dir), info)
     return info
