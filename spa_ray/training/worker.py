@@ -95,6 +95,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _stop_on_nonfinite(marker: Path, stage: str, step: int, rank: int, what: str, detail: str = "",
+                       check: str = "the pairs table") -> None:
+    """Raise NonFiniteLossError, leaving a marker so Ray Train's restarts stop at once too."""
+    message = (f"stage {stage}: {what} at step {step} (rank {rank}){detail}; stopping: the previous checkpoint "
+               f"is left as it was. Lower training.learning_rate or check {check}.")
+    marker.write_text(message, encoding="utf-8")
+    raise NonFiniteLossError(message) from None
+
+
 def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     import deepspeed
@@ -248,20 +257,10 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
             except ValueError as exc:  # e.g. the confidence window refusing NaN confidences
                 if "finite" not in str(exc):
                     raise
-                message = (
-                    f"stage {spec.stage}: non-finite values at step {step} (rank {rank}): {exc}; stopping: the "
-                    "previous checkpoint is left as it was. Lower training.learning_rate or check the pairs table."
-                )
-                nonfinite_marker.write_text(message, encoding="utf-8")
-                raise NonFiniteLossError(message) from None
+                _stop_on_nonfinite(nonfinite_marker, spec.stage, step, rank, "non-finite values", f": {exc}")
             if not torch.isfinite(out.loss):
-                message = (
-                    f"stage {spec.stage}: non-finite loss {float(out.loss)} at step {step} (rank {rank}); "
-                    "stopping: the previous checkpoint is left as it was. Lower training.learning_rate "
-                    "or check the pairs table for empty responses."
-                )
-                nonfinite_marker.write_text(message, encoding="utf-8")
-                raise NonFiniteLossError(message)
+                _stop_on_nonfinite(nonfinite_marker, spec.stage, step, rank, f"non-finite loss {float(out.loss)}",
+                                   check="the pairs table for empty responses")
             engine.backward(out.loss)
             engine.step()
             step_stats.append(out.stats)
