@@ -96,7 +96,7 @@ def ray_iteration(args, root: Path, name: str, extra: list[str]) -> dict[str, fl
         gens = S.generate_responses(run, 1, prompts=data.iteration_prompts[0])
         times["generate"] = time.perf_counter() - t
         t = time.perf_counter()
-        pairs = S.label_pairs_by_implicit_reward(run, 1, gens)
+        pairs = S.judge_pairs(run, 1, gens)
         times["judge"] = time.perf_counter() - t
         t = time.perf_counter()
         pi_1 = S.train_policy(run, t=1, policy=run.checkpoint(0), pairs=pairs)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spa_ray.objectives import ConfidenceWindow, all_gather_1d
+from spa_ray.objectives._checks import NonFiniteValuesError
 
 T = torch.tensor
 
@@ -114,8 +115,11 @@ def test_window_errors():
         w.flags(T([0.5]), step=0, total_steps=0)
     with pytest.raises(ValueError, match="1-D"):
         w.flags(T([[0.5]]), 0, 10)
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(NonFiniteValuesError, match="finite"):  # its own type: the worker stops, not retries
         w.flags(T([float("nan")]), 0, 10)
+    with pytest.raises(ValueError, match="1-D") as not_nonfinite:  # other bad input stays a plain ValueError
+        w.flags(T([[0.5]]), 0, 10)
+    assert not isinstance(not_nonfinite.value, NonFiniteValuesError)
     with pytest.raises(ValueError, match="floating"):
         w.flags(torch.tensor([1, 0]), 0, 10)
     with pytest.raises(ValueError, match="1-D"):

@@ -1,6 +1,6 @@
 """Reliability: a generator or judge actor killed (ray.kill) in the middle of its stage.
 
-The pipeline stages ``generate_responses`` and ``label_pairs_by_implicit_reward`` run on
+The pipeline stages ``generate_responses`` and ``judge_pairs`` run on
 two-actor pools (Ray restarts on). While a stage runs, a test thread kills one actor at
 a random, seeded moment; the stage must finish with the right number of outputs, no
 duplicates, in order, and the files it writes must equal those of the same stage run
@@ -24,7 +24,7 @@ import ray
 
 from _tiny_model import WORDS, save_tiny_model_dir
 from spa_ray.pipeline.config import load_config
-from spa_ray.pipeline.stages import Run, generate_responses, label_pairs_by_implicit_reward
+from spa_ray.pipeline.stages import Run, generate_responses, judge_pairs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ultrafeedback_tiny.jsonl"
 KILL_SEED = 11
@@ -84,7 +84,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
     with _open(tmp_path, "clean", pi_init) as run:
         path = _with_pi_0(run, pi_0)
         gens = generate_responses(run, 1, PROMPTS)
-        pairs = label_pairs_by_implicit_reward(run, 1, gens)
+        pairs = judge_pairs(run, 1, gens)
         clean_gens, clean_pairs = pq.read_table(gens).to_pydict(), pq.read_table(pairs).to_pydict()
 
     rng = random.Random(KILL_SEED)
@@ -102,7 +102,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
                   "response_ids_2": rows["response_ids"][1]}]
         run.actors.label(1, path, run.pi_init, first)
         pairs, judge_kill = _stage_with_kill(
-            lambda: label_pairs_by_implicit_reward(run, 1, gens), lambda: run.actors.judges, rng
+            lambda: judge_pairs(run, 1, gens), lambda: run.actors.judges, rng
         )
         labelled = pq.read_table(pairs).to_pydict()
         info = run.dir.stage_info("judge_1")

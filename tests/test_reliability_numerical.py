@@ -24,7 +24,7 @@ import pytest
 from _tiny_model import WORDS, make_tiny_tokenizer, save_tiny_model_dir, torch_single_thread  # noqa: F401
 from spa_ray.data.tokenize import encode_prompt
 from spa_ray.pipeline.config import load_config
-from spa_ray.pipeline.stages import NotEnoughPairsError, Run, label_pairs_by_implicit_reward, train_policy
+from spa_ray.pipeline.stages import NotEnoughPairsError, Run, judge_pairs, train_policy
 from spa_ray.pipeline.tables import write_parquet
 from spa_ray.training.pairs_table import write_pairs
 from spa_ray.training.worker import NonFiniteLossError
@@ -122,7 +122,7 @@ def test_all_ties_labelled_set_is_reported_not_trained(ray_local, tmp_path, mode
                 cols["text"].append(" ".join(words))
         with run.dir.stage_dir("gen_1", "data", "iter_1", "generations", rows=24) as out:
             write_parquet(out / "generations.parquet", cols)
-        pairs = label_pairs_by_implicit_reward(run, 1, run.dir.path / "data/iter_1/generations/generations.parquet")
+        pairs = judge_pairs(run, 1, run.dir.path / "data/iter_1/generations/generations.parquet")
         assert run.dir.stage_info("judge_1")["pairs"] == 0 and run.dir.stage_info("judge_1")["ties"] == 12
         assert pq.ParquetFile(pairs).metadata.num_rows == 0
         with pytest.raises(NotEnoughPairsError, match=r"train_1: iteration 1's labelled set holds 0 pairs \(12 ties"):

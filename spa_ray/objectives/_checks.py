@@ -11,6 +11,10 @@ import math
 import torch
 
 
+class NonFiniteValuesError(ValueError):
+    """NaN or inf reached a formula: the training run must stop, not retry (a restart meets it again)."""
+
+
 def check_positive(name: str, value: float) -> float:
     """`value` must be a finite number > 0 (e.g. beta: it scales a log-ratio into a logit)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_1d, check_floating
+from ._checks import NonFiniteValuesError, check_1d, check_floating
 from .noise_detection import lambda_for_iteration  # noqa: F401  (re-export; CONTRACT.md)
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -94,7 +94,7 @@ class ConfidenceWindow:
         check_floating(confidences=confidences)
         local = confidences.detach()
         if not bool(torch.isfinite(local).all()):
-            raise ValueError("confidences must be finite (found NaN or inf)")
+            raise NonFiniteValuesError("confidences must be finite (found NaN or inf)")
         gathered = self.gather(local)
         if not isinstance(gathered, torch.Tensor) or gathered.dim() != 1:
             raise ValueError("gather must return a 1-D tensor (the concatenation over ranks)")

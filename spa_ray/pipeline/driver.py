@@ -23,7 +23,7 @@ from spa_ray.pipeline.stages import (
     check_judge_health,
     evaluate,
     generate_responses,
-    label_pairs_by_implicit_reward,
+    judge_pairs,
     prepare_data,
     prepare_judge_model,
     print_final_table,
@@ -49,7 +49,7 @@ def run_spa(config: SPAConfig) -> int:
                 print(f"spa-ray: {exc}", file=sys.stderr)
                 return 3
             generations = generate_responses(run, t, prompts=data.iteration_prompts[t - 1])
-            pairs = label_pairs_by_implicit_reward(run, t, generations)
+            pairs = judge_pairs(run, t, generations)
             pi_prev = train_policy(run, t=t, policy=pi_prev, pairs=pairs)  # init = ref = pi_{t-1}
             evaluate(run, policy=pi_prev, version=t + 1, name=f"pi_{t}")
 

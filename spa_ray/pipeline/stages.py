@@ -345,8 +345,9 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return columns
 
 
-def label_pairs_by_implicit_reward(run: Run, t: int, generations: Path) -> Path:
-    """D_t: each prompt's two samples ordered by r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8); ties dropped."""
+def judge_pairs(run: Run, t: int, generations: Path) -> Path:
+    """D_t: each prompt's two samples ordered by the judge -- by default the implicit reward
+    r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8), else judge.kind's trained model; ties dropped."""
     stage = f"judge_{t}"
     folder = run.dir.path / "data" / f"iter_{t}" / "pairs"
     if run.dir.is_done(stage):
@@ -618,5 +619,5 @@ def print_final_table(run: Run) -> None:
 
 __all__ = [
     "JudgeHealthError", "NotEnoughPairsError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
-    "label_pairs_by_implicit_reward", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "train_policy",
+    "judge_pairs", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "train_policy",
 ]

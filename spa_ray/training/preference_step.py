@@ -54,18 +54,19 @@ def concat_preference_batch(batch: dict, pad_token_id: int = 0) -> dict[str, tor
     b_c, b_r = batch["chosen_input_ids"].shape[0], batch["rejected_input_ids"].shape[0]
     if b_c != b_r or b_c == 0:
         raise ValueError(f"chosen and rejected must hold the same number (>0) of pairs, got {b_c} and {b_r}")
-    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    out = {}
-    for f in FIELDS:
-        parts = []
-        for s in SIDES:
-            t = batch[f"{s}_{f}"]
-            fill = pad_token_id if f == "input_ids" else 0
-            padded = t.new_full((t.shape[0], T), fill)
-            padded[:, : t.shape[1]] = t
-            parts.append(padded)
-        out[f] = torch.cat(parts, dim=0)
-    return out
+    return {f: stack_right_padded([batch[f"{s}_{f}"] for s in SIDES], pad_token_id if f == "input_ids" else 0)
+            for f in FIELDS}
+
+
+def stack_right_padded(tensors: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """Stack [B_i, T_i] tensors into [sum B_i, max T_i], right-padding each with `fill`."""
+    T = max(t.shape[1] for t in tensors)
+    parts = []
+    for t in tensors:
+        padded = t.new_full((t.shape[0], T), fill)
+        padded[:, : t.shape[1]] = t
+        parts.append(padded)
+    return torch.cat(parts, dim=0)
 
 
 def preference_step(
@@ -169,16 +170,8 @@ def _variant_forward(policy, objective, batch: dict, cat: dict, pad_token_id: in
     n, T = ids.shape
     extra = objective.extra_rows(batch)
     if extra is not None:
-        T_all = max(T, extra["input_ids"].shape[1])
-        parts = {}
-        for f, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("response_mask", 0)):
-            rows = []
-            for t in (cat[f], extra[f]):
-                padded = t.new_full((t.shape[0], T_all), fill)
-                padded[:, : t.shape[1]] = t
-                rows.append(padded)
-            parts[f] = torch.cat(rows, dim=0)
-        ids_all, attn_all, resp_all = parts["input_ids"], parts["attention_mask"], parts["response_mask"]
+        ids_all, attn_all, resp_all = (stack_right_padded([cat[f], extra[f]], pad_token_id if f == "input_ids" else 0)
+                                       for f in FIELDS)
     else:
         ids_all, attn_all, resp_all = ids, attn, resp
     if objective.needs_hidden_states:

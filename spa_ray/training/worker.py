@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from spa_ray.objectives._checks import NonFiniteValuesError
 from spa_ray.objectives.confidence_window import ConfidenceWindow
 from spa_ray.objectives.distributed import all_gather_1d
 from spa_ray.training.batch_plan import BatchPlan, group_by_length
@@ -254,9 +255,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                     pad_token_id=tokenizer.pad_token_id,
                     objective=variant.objective if variant is not None else None,
                 )
-            except ValueError as exc:  # e.g. the confidence window refusing NaN confidences
-                if "finite" not in str(exc):
-                    raise
+            except NonFiniteValuesError as exc:  # e.g. the confidence window refusing NaN confidences
                 _stop_on_nonfinite(nonfinite_marker, spec.stage, step, rank, "non-finite values", f": {exc}")
             if not torch.isfinite(out.loss):
                 _stop_on_nonfinite(nonfinite_marker, spec.stage, step, rank, f"non-finite loss {float(out.loss)}",
