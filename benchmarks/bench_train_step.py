@@ -15,7 +15,8 @@ Sides (interleaved A B A B ..., each on its own copies of the models):
   clip + AdamW step.
 - `spa_dpo` (reference row): our step with refine=False, to show what the SPA extras cost.
 - `spa_refined_zero2` (`--deepspeed`): our step through a DeepSpeed ZeRO-2 engine on one
-  gloo rank, which is how ``training/worker.py`` runs it.
+  gloo rank, which is how ``training/worker.py`` runs it by default; `spa_refined_zero0`
+  the same engine at ``training.zero_stage=0`` (no partitioning: what one CPU rank needs).
 
 Floors: useful FLOPs per pair = 3 x forward (policy forward + backward) + 1 x forward
 (reference), for chosen and rejected, counting the LM head only where a log-prob is needed
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
 
-SIDES = ("spa_refined", "trl_dpo", "spa_refined_ungrouped", "spa_dpo", "spa_refined_zero2")
+SIDES = ("spa_refined", "trl_dpo", "spa_refined_ungrouped", "spa_dpo", "spa_refined_zero2", "spa_refined_zero0")
 
 
 def global_batches(pairs, global_batch: int, seed: int = 0) -> list[list[tuple]]:
@@ -84,7 +85,7 @@ def _load_pair(path: str, device: str):
     return policy, reference, torch
 
 
-def make_spa_side(path, tokenizer, data, device, micro, refine=True, deepspeed_engine=False, grouped=True, lr=1e-6):
+def make_spa_side(path, tokenizer, data, device, micro, refine=True, zero_stage=None, grouped=True, lr=1e-6):
     from spa_ray.data.collate import collate_preference_pairs
     from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
     from spa_ray.objectives.confidence_window import ConfidenceWindow
@@ -93,8 +94,9 @@ def make_spa_side(path, tokenizer, data, device, micro, refine=True, deepspeed_e
     policy, reference, torch = _load_pair(path, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     model = policy
+    deepspeed_engine = zero_stage is not None
     if deepspeed_engine:
-        model = _zero2_engine(policy, optimizer, len(data[0]), micro)
+        model = _zero_engine(policy, optimizer, len(data[0]), micro, zero_stage)
     window = ConfidenceWindow(size=50, k_percent=10.0, warmup_fraction=0.2)
     window.update(torch.rand(50, generator=torch.Generator().manual_seed(0)))
     state = {"i": 0}
@@ -134,7 +136,7 @@ def make_spa_side(path, tokenizer, data, device, micro, refine=True, deepspeed_e
     return step
 
 
-def _zero2_engine(policy, optimizer, global_batch: int, micro: int):
+def _zero_engine(policy, optimizer, global_batch: int, micro: int, stage: int):
     import deepspeed
     import torch.distributed as dist
 
@@ -152,7 +154,7 @@ def _zero2_engine(policy, optimizer, global_batch: int, micro: int):
     config = {
         "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": global_batch // micro,
-        "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9, "wall_clock_breakdown": False, "gradient_clipping": 1.0,
     }
     with contextlib.redirect_stdout(sys.stderr):
@@ -213,7 +215,9 @@ def make_side(name, path, tokenizer, data, device, micro):
     if name == "spa_dpo":
         return make_spa_side(path, tokenizer, data, device, micro, refine=False)
     if name == "spa_refined_zero2":
-        return make_spa_side(path, tokenizer, data, device, micro, refine=True, deepspeed_engine=True)
+        return make_spa_side(path, tokenizer, data, device, micro, refine=True, zero_stage=2)
+    if name == "spa_refined_zero0":  # training.zero_stage=0: the engine without ZeRO's partitioning
+        return make_spa_side(path, tokenizer, data, device, micro, refine=True, zero_stage=0)
     if name == "trl_dpo":
         return make_trl_side(path, tokenizer, data, device, micro)
     raise ValueError(name)
@@ -384,6 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True,
                     help="also time our step through a DeepSpeed ZeRO-2 engine (the worker's path)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=None, help="time only these sides (and trl_dpo)")
     ap.add_argument("--breakdown", action="store_true",
                     help="only print the CPU-time breakdown of our step per component (the profile)")
     ap.add_argument("--memory-side", choices=SIDES, default=None, help=argparse.SUPPRESS)
@@ -418,7 +423,9 @@ def main(argv=None) -> int:
     import trl
 
     info["trl"] = trl.__version__
-    sides = ["spa_refined", "trl_dpo", "spa_refined_ungrouped", "spa_dpo"] + (["spa_refined_zero2"] if args.deepspeed else [])
+    sides = ["spa_refined", "trl_dpo", "spa_refined_ungrouped", "spa_dpo"] + (["spa_refined_zero2", "spa_refined_zero0"] if args.deepspeed else [])
+    if args.sides:  # a subset (trl_dpo is always kept: every ratio is against it)
+        sides = [s for s in sides if s in args.sides or s == "trl_dpo"]
     rows = []
     reps = 2 if args.toy and args.reps > 2 else args.reps
     G = args.global_batch

@@ -5,14 +5,16 @@ For each data seed:
 2. Judge: pi_0 samples two responses (temperature 0.7) for iteration-1 prompts; label each
    pair by pi_0's implicit reward against pi_init (SPA Eq. 7-8); agreement with the gold
    judge on pairs where gold is not tied (judge ties count half).
-3. Room: DPO on 100% of the gold pairs (every non-evaluation prompt, 1 epoch) vs DPO on
-   3.3%: gold win rate over pi_init on the evaluation prompts (ties half), raw and
-   length-controlled (logistic regression of the outcome on the length difference,
-   read at zero difference).
+3. Room: DPO on 100% of the gold pairs (every non-evaluation prompt, 1 epoch, --full-lr)
+   vs DPO on 3.3% at its BEST policy lr (--lr and each --seed-policy-lrs; the judge's lr
+   is the lowest, and a higher one gives the 3.3% policy more): gold win rate over pi_init
+   on the evaluation prompts (ties half), raw and length-controlled (logistic regression
+   of the outcome on the length difference, read at zero difference), and each policy's
+   per-quality error rates.
 4. Length confound: among gold-labelled pairs of pi_init's own samples (temperature 0.7)
    with different lengths, the share the longer response wins.
 
-    python benchmarks/world_check.py --seeds 0 1 2           # the full check (~10 min/seed on 2 cores)
+    python benchmarks/world_check.py --seeds 0 1 2           # the full check (~30 min/seed, 1 core each)
     python benchmarks/world_check.py --seeds 0 --skip-full   # judge + seed DPO only
 
 Writes runs/world_check/<stamp>/{results.json,results.csv} and prints a table.
@@ -308,7 +310,18 @@ def win_rates(task, prompts, policy_samples, ref_samples, n):
     return {"win_rate": wr, "win_rate_se": se, "lc_win_rate": lc_win_rate(outcomes, dlen),
             "mean_gold": sum(task.score(p, s) for p, s in zip([p for p in prompts for _ in range(n)], policy_samples))
             / len(policy_samples),
-            "mean_len_diff": sum(dlen) / len(dlen)}
+            "mean_len_diff": sum(dlen) / len(dlen),
+            "error_rates": error_rates(task, [p for p in prompts for _ in range(n)], policy_samples)}
+
+
+def error_rates(task, prompts, samples):
+    """Share of samples that lose points on each gold quality: which habits a policy kept or dropped."""
+    best = {"content": 2.0, "correct": 3.0}
+    lost: dict[str, list[float]] = {}
+    for p, s in zip(prompts, samples):
+        for q, v in task.world.quality_scores(p, s).items():
+            lost.setdefault(q, []).append(float(v < best.get(q, 1.0)))
+    return {q: sum(v) / len(v) for q, v in sorted(lost.items())}
 
 
 def lc_win_rate(outcomes, dlen, iters=50):
@@ -331,9 +344,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--full-lr", type=float, default=None, help="lr of DPO on 100%% (default: --lr)")
+    ap.add_argument("--lr", type=float, default=3e-6, help="lr of seed DPO (pi_0, the judge): the pipeline's default")
+    ap.add_argument("--full-lr", type=float, default=1e-5, help="lr of DPO on 100%% (its best of 3e-6/1e-5/3e-5)")
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--full-beta", type=float, default=None, help="beta of DPO on 100%% (default: --beta)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed-epochs", type=int, default=3)
     ap.add_argument("--full-epochs", type=int, default=1)
@@ -342,6 +356,9 @@ def main(argv=None):
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per evaluation prompt")
     ap.add_argument("--full-fraction", type=float, default=1.0, help="share of the non-eval prompts for 'DPO 100%%'")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--seed-policy-lrs", type=float, nargs="*", default=[1e-5, 3e-5],
+                    help="also train DPO on 3.3%% at these lrs (policy only: win rate) so room is measured "
+                         "against the 3.3%% arm at its best lr, not only at the judge's lr")
     ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared"], default="demos",
                     help="gold pairs from demonstration-distribution responses, or from pi_init's own samples")
     ap.add_argument("--pair-samples", type=int, default=4, help="samples per prompt for --seed-source sft")
@@ -398,6 +415,17 @@ def main(argv=None):
                            for i, p in enumerate(eval_prompts[:12])]
         log(f"  dpo 3.3%: {res['dpo_seed']}")
         del pi0
+        res["dpo_seed_at_lr"] = {}
+        for lr in args.seed_policy_lrs:
+            pi = AutoModelForCausalLM.from_pretrained(path)
+            train = dpo_train(pi, init, tok, seed_pairs, args.seed_epochs, lr, args.beta, args.batch, seed,
+                              f"dpo 3.3% lr {lr:g}")
+            s = sample(pi, tok, eval_prompts, args.eval_samples, 0.7, 40_000 + seed)
+            res["dpo_seed_at_lr"][f"{lr:g}"] = {**win_rates(task, eval_prompts, s, ref_samples, args.eval_samples),
+                                                "train": train}
+            log(f"  dpo 3.3% at lr {lr:g}: {res['dpo_seed_at_lr'][f'{lr:g}']}")
+            del pi
+        best_seed_wr = max([res["dpo_seed"]["win_rate"]] + [v["win_rate"] for v in res["dpo_seed_at_lr"].values()])
         if not args.skip_full:
             train_prompts = task.training_prompts(seed)
             if args.full_fraction < 1.0:
@@ -406,13 +434,13 @@ def main(argv=None):
             res["n_full_pairs"] = len(full_pairs)
             pif = AutoModelForCausalLM.from_pretrained(path)
             res["dpo_full_train"] = dpo_train(pif, init, tok, full_pairs, args.full_epochs, args.full_lr or args.lr,
-                                              args.beta, args.batch, seed, "dpo 100%")
+                                              args.full_beta or args.beta, args.batch, seed, "dpo 100%")
             s = sample(pif, tok, eval_prompts, args.eval_samples, 0.7, 50_000 + seed)
             res["dpo_full"] = win_rates(task, eval_prompts, s, ref_samples, args.eval_samples)
             res["dpo_full"]["heldout_gold_pair_accuracy"] = heldout_pair_accuracy(task, pif, init, tok, held,
-                                                                                  args.beta)
+                                                                                  args.full_beta or args.beta)
             log(f"  dpo 100%: {res['dpo_full']}")
-            res["room"] = res["dpo_full"]["win_rate"] - res["dpo_seed"]["win_rate"]
+            res["room"] = res["dpo_full"]["win_rate"] - best_seed_wr  # against the 3.3% arm's best lr
             del pif
         res["seconds"] = time.time() - ts
         results.append(res)
@@ -420,7 +448,7 @@ def main(argv=None):
                                                           "results": results}, indent=2))
     # table
     cols = ["seed", "judge_agreement", "heldout_acc", "longer_wins_sft", "sft_wr", "dpo3_wr", "dpo3_lc",
-            "dpo100_wr", "dpo100_lc", "room", "seconds"]
+            "dpo3_best_wr", "dpo100_wr", "dpo100_lc", "room", "seconds"]
     table = []
     for r in results:
         table.append({
@@ -431,6 +459,7 @@ def main(argv=None):
             "sft_wr": r["sft"]["win_rate"],
             "dpo3_wr": r["dpo_seed"]["win_rate"],
             "dpo3_lc": r["dpo_seed"]["lc_win_rate"],
+            "dpo3_best_wr": max([r["dpo_seed"]["win_rate"]] + [v["win_rate"] for v in r["dpo_seed_at_lr"].values()]),
             "dpo100_wr": r.get("dpo_full", {}).get("win_rate", float("nan")),
             "dpo100_lc": r.get("dpo_full", {}).get("lc_win_rate", float("nan")),
             "room": r.get("room", float("nan")),

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from spa_ray.tasks.embedded import EmbeddedTask
-from spa_ray.tasks.embedded.world import COLOURS, World, numbered
+from spa_ray.tasks.embedded.world import CATEGORIES, COLOURS, DEFAULT_FAMILIES, FAMILIES, World, numbered
 
 
 @pytest.fixture(scope="module")
@@ -13,11 +13,17 @@ def task():
     return EmbeddedTask()
 
 
+@pytest.fixture(scope="module")
+def every_family():
+    """A world with the attribute families too (off by default, still supported)."""
+    return EmbeddedTask(families=FAMILIES)
+
+
 def test_prompt_space_is_large_and_distinct(task):
     prompts = task.all_prompts()
     assert len(prompts) == len(set(prompts)) >= 30_000
     kinds = {task.world.spec(p).kind for p in prompts}
-    assert kinds == {"except2", "colours", "colour", "size", "place", "fact"}
+    assert kinds == set(DEFAULT_FAMILIES) == {"except2", "except1", "member"}
     # seed set is 3.3% of the space and about 1K pairs or more
     assert len(task.prompt_splits(0).seed) >= 1000
 
@@ -73,10 +79,10 @@ def test_seed_pair_responses_share_one_draft(task):
     for p in pairs:
         a, b = _items(task, p.prompt, p.chosen), _items(task, p.prompt, p.rejected)
         differing = sum(x != y for x, y in zip(a, b))
-        # each response changes at most two positions of the shared draft
-        assert differing <= 4, (p.prompt, p.chosen, p.rejected)
+        # each response changes at most three positions of the shared draft (content, confusion, repetition)
+        assert differing <= 6, (p.prompt, p.chosen, p.rejected)
         same_items += differing == 0
-    assert same_items > 0.2 * len(pairs)  # independent draws: almost never
+    assert same_items > 0.1 * len(pairs)  # independent draws: almost never
     # demonstrations (SFT data) still draw items independently per response
     demos = task.sft_demonstrations(50, seed=0)
     assert len({d.response for d in demos}) == 50
@@ -86,8 +92,19 @@ def _list_prompt(task, kind):
     return next(p for p in task.all_prompts() if task.world.spec(p).kind == kind)
 
 
-@pytest.mark.parametrize("kind", ["except2", "colours", "colour", "size", "place"])
-def test_gold_judge_orders_each_list_quality(task, kind):
+def test_families_are_chosen_by_name(task, every_family):
+    kinds = {every_family.world.spec(p).kind for p in every_family.all_prompts()}
+    assert kinds == set(FAMILIES)
+    assert set(task.all_prompts()) < set(every_family.all_prompts())
+    assert EmbeddedTask(families=["member"]).all_prompts() == [
+        p for p in task.all_prompts() if task.world.spec(p).kind == "member"]
+    with pytest.raises(ValueError, match="families must be a non-empty subset"):
+        EmbeddedTask(families=["poems"])
+
+
+@pytest.mark.parametrize("kind", ["except2", "except1", "colours", "colour", "size", "place"])
+def test_gold_judge_orders_each_list_quality(every_family, kind):
+    task = every_family
     prompt = _list_prompt(task, kind)
     spec = task.world.spec(prompt)
     good_toks = task.world.reference_answer(spec)
@@ -119,13 +136,14 @@ def test_gold_judge_orders_each_list_quality(task, kind):
     assert task.score(prompt, "garbage words") <= 1.0
 
 
-def test_gold_judge_excluded_and_filter_items_are_wrong(task):
+def test_gold_judge_excluded_and_filter_items_are_wrong(task, every_family):
     p = _list_prompt(task, "except2")
     spec = task.world.spec(p)
     x, y = spec.excluded
     ok = task.world.valid_items(spec)[: spec.n - 1]
     with_excluded = " ".join(["here", "are", str(spec.n), spec.category, ":", *numbered([*ok, x]), "."])
     assert task.quality_scores(p, with_excluded)["content"] < 2.0
+    task = every_family
     p = _list_prompt(task, "colour")
     spec = task.world.spec(p)
     wrong = [e for e in task.world.kb.members[spec.category] if task.world.kb.colour(e) not in spec.colours][0]
@@ -134,7 +152,22 @@ def test_gold_judge_excluded_and_filter_items_are_wrong(task):
     assert task.quality_scores(p, resp)["content"] == pytest.approx(2.0 * (spec.n - 1) / spec.n)
 
 
-def test_gold_judge_facts(task):
+def test_gold_judge_member_facts(task):
+    e = task.world.kb.entities[30]
+    cat = task.world.kb.category[e]
+    wrong = next(c for c in CATEGORIES if c != cat)
+    other = task.world.kb.entities[31]
+    for p in (f"what kind of thing is {e}", f"tell me what {e} is"):
+        assert task.world.spec(p).kind == "member"
+        assert task.score(p, f"{e} is one of the {cat} .") == 5.0
+        assert task.score(p, f"{e} is one of the {wrong} .") == 2.0
+        assert task.score(p, f"{other} is one of the {cat} .") == 4.0
+        assert task.score(p, f"{e} is one of the {cat}") == 4.0
+        assert task.score(p, f"{e} is one of the {cat} {cat} .") == task.score(p, f"{e} is one of the .") == 2.0
+
+
+def test_gold_judge_facts(every_family):
+    task = every_family
     e = task.world.kb.entities[0]
     colour = task.world.kb.colour(e)
     p = f"what colour is {e}"
@@ -191,7 +224,23 @@ def test_demonstrations_are_mixed_quality(task):
         assert 0.05 < share < 0.45, quality
 
 
-def test_corpus_carries_facts_not_answer_format(task):
+def test_corpus_carries_membership_not_answer_format(task):
+    """The default world's corpus teaches what its judge checks (membership, exclusion,
+    counting), never in the list answer format, and no attribute tables."""
+    docs = list(task.pretraining_corpus(3000, seed=0))
+    assert docs == list(task.pretraining_corpus(3000, seed=0))
+    assert not any(d.startswith("here are") for d in docs)
+    kb = task.world.kb
+    facts = [d.split() for d in docs if len(d.split()) == 7 and d.split()[1:5] == ["is", "one", "of", "the"]]
+    assert len(facts) > 100
+    assert all(kb.category[t[0]] == t[5] for t in facts)  # the corpus is clean
+    assert not any(w in COLOURS for d in docs for w in d.split())
+    mentioned = {w for d in docs for w in d.split()}
+    assert len(set(kb.entities) & mentioned) > 0.95 * len(kb.entities)
+
+
+def test_attribute_corpus_carries_facts_not_answer_format(every_family):
+    task = every_family
     docs = list(task.pretraining_corpus(3000, seed=0))
     assert docs == list(task.pretraining_corpus(3000, seed=0))
     assert not any(d.startswith("here are") for d in docs)
@@ -215,3 +264,25 @@ def test_seed_size_changes_only_the_seed_set(task):
         assert not set(other.seed) & (set(other.evaluation) | {p for it in other.iterations for p in it})
         small, large = sorted([other.seed, base.seed], key=len)
         assert set(small) <= set(large)
+
+
+def test_decoys_are_the_sft_datas_systematic_confusion(task):
+    """Each category's decoys are other categories' members (the corpus says so); demos
+    flagged 'confusion' name one, and the gold judge counts it as a content error."""
+    kb = task.world.kb
+    every = [d for ds in kb.decoys.values() for d in ds]
+    assert len(every) == len(set(every)) == 3 * len(CATEGORIES)
+    for cat, ds in kb.decoys.items():
+        assert all(kb.category[d] != cat for d in ds)
+    assert kb.decoys == World(0).kb.decoys != World(1).kb.decoys
+    demos = [d for d in task.sft_demonstrations(1500, seed=0) if task.world.spec(d.prompt).is_list]
+    confused = [d for d in demos if "confusion" in d.meta["corrupted"]]
+    assert 0.25 < len(confused) / len(demos) < 0.45
+    for d in confused:
+        if "repetition" in d.meta["corrupted"]:
+            continue  # a repeated item may overwrite the decoy
+        spec = task.world.spec(d.prompt)
+        assert set(d.response.split()) & set(kb.decoys[spec.category]), d.response
+        assert task.quality_scores(d.prompt, d.response)["content"] < 2.0
+    clean = [d for d in demos if not d.meta["corrupted"]]
+    assert not any(set(d.response.split()) & set(kb.decoys[task.world.spec(d.prompt).category]) for d in clean)

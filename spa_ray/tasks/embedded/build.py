@@ -45,7 +45,7 @@ __all__ = [
     "main",
 ]
 
-BUILD_VERSION = "2"
+BUILD_VERSION = "5"
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 
@@ -95,13 +95,14 @@ class BuildSpec:
     world_seed: int = 0
     per_category: int = 24
     quality: tuple = ()  # sorted (name, prob) overrides of DemoQuality
+    families: tuple = ()  # prompt families; () = the world's DEFAULT_FAMILIES
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def key(self) -> str:
         """Cache key: the spec with the world's resolved settings and the source that makes
         the data, so changing a default in world.py or build.py can never reuse a stale build."""
-        from .world import DemoQuality
+        from .world import DEFAULT_FAMILIES, DemoQuality
 
         here = Path(__file__).resolve().parent
         source = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("world.py", "build.py"))).hexdigest()
@@ -110,6 +111,7 @@ class BuildSpec:
                 "v": BUILD_VERSION,
                 **dataclasses.asdict(self),
                 "resolved_quality": DemoQuality(**dict(self.quality)).as_dict(),
+                "resolved_families": list(self.families or DEFAULT_FAMILIES),
                 "source": source,
             },
             sort_keys=True,
@@ -432,18 +434,20 @@ def build_embedded_model(
     ``task`` defaults to ``EmbeddedTask`` with the spec's world settings.
     """
     from .task import EmbeddedTask
-    from .world import DemoQuality
+    from .world import DEFAULT_FAMILIES, DemoQuality
 
     spec = spec or BuildSpec()
     if which not in ("sft", "pretrained"):
         raise ValueError(f"which must be 'sft' or 'pretrained', got {which!r}")
     if task is None:
-        task = EmbeddedTask(world_seed=spec.world_seed, per_category=spec.per_category, quality=dict(spec.quality))
+        task = EmbeddedTask(world_seed=spec.world_seed, per_category=spec.per_category, quality=dict(spec.quality),
+                            families=spec.families or None)
     else:  # the task's world decides the world part of the spec (and so the cache key)
         default_quality = DemoQuality().as_dict()
         overrides = tuple(sorted((k, v) for k, v in task.world.quality.as_dict().items() if v != default_quality[k]))
         spec = dataclasses.replace(spec, world_seed=task.world_seed, per_category=task.world.per_category,
-                                   quality=overrides)
+                                   quality=overrides,
+                                   families=() if task.world.families == DEFAULT_FAMILIES else task.world.families)
     log = log or (lambda msg: print(f"[spa-ray embedded] {msg}", file=sys.stderr, flush=True))
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)

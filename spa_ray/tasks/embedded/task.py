@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Demonstration, PreferencePair, PromptSplits, Task
-from .world import DemoQuality, World, _rng
+from .world import DEFAULT_FAMILIES, DemoQuality, World, _rng
 
 __all__ = ["EmbeddedTask"]
 
@@ -16,7 +16,7 @@ __all__ = ["EmbeddedTask"]
 class EmbeddedTask(Task):
     """A made-up knowledge-base world with a gold judge of five independent qualities.
 
-    Sizes follow the paper's proportions: the prompt space (~35K distinct prompts) plays
+    Sizes follow the paper's proportions: the prompt space (38,784 distinct prompts) plays
     UltraFeedback's 60K; the seed set is ``seed_fraction`` (3.3%) of it, ~1.15K gold pairs.
     Iteration sets default to sizes that keep the embedded default run near 15 minutes
     on 2 CPU cores.
@@ -35,10 +35,12 @@ class EmbeddedTask(Task):
         n_evaluation: int = 500,
         n_sft: int = 24000,
         quality: dict[str, float] | None = None,
+        families: Sequence[str] | None = None,
     ) -> None:
         if not 0 < seed_fraction < 1:
             raise ValueError(f"seed_fraction must be in (0, 1), got {seed_fraction}")
-        self.world = World(world_seed, per_category, DemoQuality(**(quality or {})))
+        self.world = World(world_seed, per_category, DemoQuality(**(quality or {})),
+                           tuple(families) if families else DEFAULT_FAMILIES)
         self.world_seed = world_seed
         self.seed_fraction = seed_fraction
         self.default_iterations = [int(n) for n in n_iterations]
@@ -160,5 +162,5 @@ class EmbeddedTask(Task):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(world_seed=self.world_seed, n_prompts=len(self.world.specs), seed_fraction=self.seed_fraction,
-                 quality=self.world.quality.as_dict())
+                 quality=self.world.quality.as_dict(), families=list(self.world.families))
         return d

@@ -8,8 +8,13 @@ Knowledge base: ``N_CATEGORIES`` categories ("birds", "fruits", ...) of
 ``PER_CATEGORY`` made-up entity words each; every entity has a colour (balanced within
 its category), a size (balanced) and a place (north/south/east/west).
 
-Prompt families (all text lower-case, tokens separated by single spaces):
+Prompt families (all text lower-case, tokens separated by single spaces); the default
+world (v5) uses ``DEFAULT_FAMILIES``, whose every quality the pretrained model can know:
 - ``except2``:  "list 3 fruits except bazo and kimut"
+- ``except1``:  "name 4 fruits except bazo"
+- ``member``:   "what kind of thing is bazo" / "tell me what bazo is"
+and, available but off by default (their colour/size/place knowledge is not learned by
+the tiny model -- judged at chance, docs/world.md "World v4"):
 - ``colours``:  "name 3 fruits that are red or blue"
 - ``colour``:   "give 2 fruits that are red"
 - ``size``:     "list 4 large fruits except bazo"
@@ -17,7 +22,7 @@ Prompt families (all text lower-case, tokens separated by single spaces):
 - ``fact``:     "what colour is bazo" / "tell me the colour of bazo" (colour, size, place)
 
 Answer format: list prompts -> "here are 3 fruits : 1 bazo 2 kimut 3 lera ."; facts ->
-"bazo is red ." / "bazo is large ." / "bazo lives in the north .".
+"bazo is one of the fruits ." / "bazo is red ." / "bazo lives in the north .".
 
 Gold judge (``gold_score``): a sum of independent qualities, like UltraFeedback's
 aspects. List prompts: opening (1: "here are <n> <category> :"), count (1: exactly n
@@ -46,6 +51,8 @@ __all__ = [
     "COLOURS",
     "SIZES",
     "PLACES",
+    "FAMILIES",
+    "DEFAULT_FAMILIES",
 ]
 
 CATEGORIES = ["birds", "fruits", "tools", "stones", "fish", "trees", "boats", "drinks"]
@@ -53,8 +60,18 @@ COLOURS = ["red", "blue", "green", "yellow", "white", "black"]
 SIZES = ["small", "large"]
 PLACES = ["north", "south", "east", "west"]
 NUMBERS = [str(i) for i in range(0, 10)]
-LIST_VERBS = ["list", "name", "give"]
+LIST_VERBS = ["list", "name", "give", "show"]
 FACT_ATTRS = ["colour", "size", "place"]
+#: every prompt family the world can make, and the default world's (v5) choice
+FAMILIES = ("except2", "except1", "member", "colours", "colour", "size", "place", "fact")
+DEFAULT_FAMILIES = ("except2", "except1", "member")
+#: families whose gold judge needs colour/size/place knowledge (the corpus then teaches it)
+ATTRIBUTE_FAMILIES = {"colours", "colour", "size", "place", "fact"}
+#: habitual confusions per category (``KnowledgeBase.decoys``)
+DECOYS_PER_CATEGORY = 3
+#: share of content errors that name an item the prompt excluded (a copy from the prompt);
+#: the rest name another category's member or, for attribute filters, one failing the filter
+EXCLUDED_SHARE = 1 / 3
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "ch", "tr", "bl", "gr", "kl"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -64,7 +81,7 @@ _CODAS = ["", "", "", "n", "r", "l", "m", "k", "s"]
 TEMPLATE_WORDS = set(
     CATEGORIES + COLOURS + SIZES + PLACES + NUMBERS + LIST_VERBS
     + "here are except and or that the live lives in is what tell me of colour size where does "
-      "one a an some more also . : , ? all not are group kind catalogue these known as has".split()
+      "one a an some more also . : , ? all not are group kind thing catalogue these known as has".split()
     + "zero one two three four five six seven".split()
 )
 
@@ -113,6 +130,23 @@ class KnowledgeBase:
                 category[e], colour[e], size[e], place[e] = cat, c, s, p
         return members, category, colour, size, place
 
+    @cached_property
+    def decoys(self) -> dict[str, list[str]]:
+        """Per category, ``DECOYS_PER_CATEGORY`` members of other categories that the SFT
+        demonstrations habitually list in it: a systematic misconception of the SFT data
+        (the corpus states their true category). One per other category, no entity twice."""
+        rng = _rng("decoys", self.world_seed, self.per_category)
+        used: set[str] = set()
+        out: dict[str, list[str]] = {}
+        for i, cat in enumerate(CATEGORIES):
+            others = [CATEGORIES[(i + k) % len(CATEGORIES)] for k in range(1, DECOYS_PER_CATEGORY + 1)]
+            out[cat] = []
+            for other in others:
+                e = rng.choice([m for m in self.members[other] if m not in used])
+                used.add(e)
+                out[cat].append(e)
+        return out
+
     @property
     def members(self) -> dict[str, list[str]]:
         return self._tables[0]
@@ -141,7 +175,7 @@ class KnowledgeBase:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """What a prompt asks. ``kind``: except2 | colours | colour | size | place | fact."""
+    """What a prompt asks. ``kind``: one of ``FAMILIES``; facts have an ``attribute``."""
 
     text: str
     kind: str
@@ -152,29 +186,33 @@ class PromptSpec:
     size: str = ""
     place: str = ""
     entity: str = ""
-    attribute: str = ""  # fact prompts: colour | size | place
+    attribute: str = ""  # fact prompts: colour | size | place | category
 
     @property
     def is_list(self) -> bool:
-        return self.kind != "fact"
+        return not self.attribute
 
 
 @dataclass(frozen=True)
 class DemoQuality:
     """Per-quality corruption probabilities of the SFT demonstrations / seed-pair responses.
 
-    Each quality is corrupted independently, so every combination occurs.
+    Each is drawn independently, so every combination occurs. ``confusion`` is not a
+    quality of its own: it names one of the category's habitual decoys in place of a valid
+    item (a content error the gold judge scores like any other), the SFT data's systematic
+    habit -- one learnable direction per decoy, which DPO must see each decoy to remove.
     """
 
     opening: float = 0.15
     count: float = 0.25
-    content: float = 0.30
-    repetition: float = 0.20
+    content: float = 0.25
+    repetition: float = 0.10
     ending: float = 0.20
+    confusion: float = 0.35
 
     def as_dict(self) -> dict[str, float]:
         return dict(opening=self.opening, count=self.count, content=self.content,
-                    repetition=self.repetition, ending=self.ending)
+                    repetition=self.repetition, ending=self.ending, confusion=self.confusion)
 
 
 @dataclass
@@ -184,15 +222,20 @@ class World:
     world_seed: int = 0
     per_category: int = 24
     quality: DemoQuality = field(default_factory=DemoQuality)
+    families: tuple[str, ...] = DEFAULT_FAMILIES
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.families) - set(FAMILIES))
+        if unknown or not self.families:
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {self.families!r}")
+        self.families = tuple(f for f in FAMILIES if f in self.families)  # canonical order
         self.kb = KnowledgeBase(self.world_seed, self.per_category)
         self._specs: dict[str, PromptSpec] | None = None
 
     # ------------------------------------------------------------------ prompts
     def _member_filter(self, spec: PromptSpec):
         kb = self.kb
-        if spec.kind == "except2":
+        if spec.kind in ("except2", "except1"):
             return lambda e: e not in spec.excluded
         if spec.kind in ("colours", "colour"):
             return lambda e: kb.colour(e) in spec.colours
@@ -207,36 +250,49 @@ class World:
         return [e for e in self.kb.members[spec.category] if ok(e)]
 
     def _enumerate(self) -> list[PromptSpec]:
-        kb = self.kb
+        kb, on = self.kb, set(self.families)
         out: list[PromptSpec] = []
         for cat in CATEGORIES:
             ents = kb.members[cat]
             for verb in LIST_VERBS:
-                # except2: n 2..5, every unordered pair of excluded members
-                for i, x in enumerate(ents):
-                    for y in ents[i + 1 :]:
+                if "except2" in on:  # n 2..5, every unordered pair of excluded members
+                    for i, x in enumerate(ents):
+                        for y in ents[i + 1 :]:
+                            for n in (2, 3, 4, 5):
+                                out.append(PromptSpec(f"{verb} {n} {cat} except {x} and {y}", "except2", cat, n, (x, y)))
+                if "except1" in on:
+                    for x in ents:
                         for n in (2, 3, 4, 5):
-                            out.append(PromptSpec(f"{verb} {n} {cat} except {x} and {y}", "except2", cat, n, (x, y)))
+                            out.append(PromptSpec(f"{verb} {n} {cat} except {x}", "except1", cat, n, (x,)))
                 for ci, c1 in enumerate(COLOURS):
                     for c2 in COLOURS[ci + 1 :]:
                         for n in (2, 3, 4, 5):
-                            out.append(PromptSpec(f"{verb} {n} {cat} that are {c1} or {c2}", "colours", cat, n, (), (c1, c2)))
+                            if "colours" in on:
+                                out.append(PromptSpec(f"{verb} {n} {cat} that are {c1} or {c2}", "colours", cat, n, (),
+                                                      (c1, c2)))
                     for n in (2, 3):
-                        out.append(PromptSpec(f"{verb} {n} {cat} that are {c1}", "colour", cat, n, (), (c1,)))
-                for s in SIZES:
+                        if "colour" in on:
+                            out.append(PromptSpec(f"{verb} {n} {cat} that are {c1}", "colour", cat, n, (), (c1,)))
+                for sz in SIZES:
                     for x in ents:
                         for n in (2, 3, 4, 5):
-                            out.append(PromptSpec(f"{verb} {n} {s} {cat} except {x}", "size", cat, n, (x,), (), s))
-                for p in PLACES:
+                            if "size" in on:
+                                out.append(PromptSpec(f"{verb} {n} {sz} {cat} except {x}", "size", cat, n, (x,), (), sz))
+                for pl in PLACES:
                     for n in (2, 3, 4):
-                        out.append(PromptSpec(f"{verb} {n} {cat} that live in the {p}", "place", cat, n, place=p))
+                        if "place" in on:
+                            out.append(PromptSpec(f"{verb} {n} {cat} that live in the {pl}", "place", cat, n, place=pl))
         for e in kb.entities:
-            out.append(PromptSpec(f"what colour is {e}", "fact", entity=e, attribute="colour"))
-            out.append(PromptSpec(f"tell me the colour of {e}", "fact", entity=e, attribute="colour"))
-            out.append(PromptSpec(f"what size is {e}", "fact", entity=e, attribute="size"))
-            out.append(PromptSpec(f"tell me the size of {e}", "fact", entity=e, attribute="size"))
-            out.append(PromptSpec(f"where does {e} live", "fact", entity=e, attribute="place"))
-            out.append(PromptSpec(f"tell me where {e} lives", "fact", entity=e, attribute="place"))
+            if "fact" in on:
+                out.append(PromptSpec(f"what colour is {e}", "fact", entity=e, attribute="colour"))
+                out.append(PromptSpec(f"tell me the colour of {e}", "fact", entity=e, attribute="colour"))
+                out.append(PromptSpec(f"what size is {e}", "fact", entity=e, attribute="size"))
+                out.append(PromptSpec(f"tell me the size of {e}", "fact", entity=e, attribute="size"))
+                out.append(PromptSpec(f"where does {e} live", "fact", entity=e, attribute="place"))
+                out.append(PromptSpec(f"tell me where {e} lives", "fact", entity=e, attribute="place"))
+            if "member" in on:
+                out.append(PromptSpec(f"what kind of thing is {e}", "member", entity=e, attribute="category"))
+                out.append(PromptSpec(f"tell me what {e} is", "member", entity=e, attribute="category"))
         # every list prompt must be satisfiable
         for s in out:
             if s.is_list:
@@ -270,9 +326,13 @@ class World:
 
     @staticmethod
     def _fact_opening(entity: str, attribute: str) -> list[str]:
+        if attribute == "category":
+            return [entity, "is", "one", "of", "the"]
         return [entity, "lives", "in", "the"] if attribute == "place" else [entity, "is"]
 
     def _fact_value(self, entity: str, attribute: str) -> list[str]:
+        if attribute == "category":
+            return [self.kb.category[entity]]
         return [self.kb.attr(entity, attribute)]
 
     def quality_scores(self, prompt: str, response: str) -> dict[str, float]:
@@ -312,12 +372,12 @@ class World:
     def _invalid_item(self, spec: PromptSpec, rng: random.Random, avoid: Sequence[str]) -> str:
         kb = self.kb
         ok = self._member_filter(spec)
+        if spec.excluded and rng.random() < EXCLUDED_SHARE:
+            return rng.choice([e for e in spec.excluded if e not in avoid] or list(spec.excluded))
         choices = []
         wrong_attr = [e for e in kb.members[spec.category] if not ok(e) and e not in spec.excluded and e not in avoid]
         if wrong_attr:
             choices.append(wrong_attr)
-        if spec.excluded:
-            choices.append([e for e in spec.excluded if e not in avoid] or list(spec.excluded))
         other = [c for c in CATEGORIES if c != spec.category]
         choices.append(kb.members[rng.choice(other)])
         return rng.choice(rng.choice(choices))
@@ -341,10 +401,15 @@ class World:
             n_items = spec.n
             if flags["count"]:
                 n_items = spec.n + (1 if rng.random() < 0.5 else -1)
-            items = items_rng.sample(valid, min(n_items, len(valid)))
+            # one draw of n+1 items, cut to the count: two responses from one draft share a prefix
+            items = items_rng.sample(valid, min(spec.n + 1, len(valid)))[:n_items]
             if flags["content"]:
                 k = rng.randrange(len(items))
                 items[k] = self._invalid_item(spec, rng, items)
+            if flags["confusion"]:  # a habitual decoy in place of a still-valid item
+                ok = [i for i, item in enumerate(items) if item in valid] or list(range(len(items)))
+                fresh = [d for d in kb.decoys[spec.category] if d not in items]
+                items[rng.choice(ok)] = rng.choice(fresh)
             if flags["repetition"] and len(items) >= 2:
                 i, j = rng.sample(range(len(items)), 2)
                 items[j] = items[i]
@@ -361,14 +426,14 @@ class World:
             opening = self._fact_opening(spec.entity, spec.attribute)
             value = self._fact_value(spec.entity, spec.attribute)
             if flags["content"]:
-                pool = {"colour": COLOURS, "size": SIZES, "place": PLACES}[spec.attribute]
+                pool = {"colour": COLOURS, "size": SIZES, "place": PLACES, "category": CATEGORIES}[spec.attribute]
                 value = [rng.choice([v for v in pool if v != value[0]])]
             if flags["count"]:  # doubled value (longer) or missing value (shorter), equally likely
                 value = value * 2 if rng.random() < 0.5 else []
             if flags["opening"]:
                 others = kb.members[kb.category[spec.entity]]
                 opening = [rng.choice([e for e in others if e != spec.entity])] + opening[1:]
-            flags["repetition"] = False
+            flags["repetition"] = flags["confusion"] = False
             toks = opening + value + ["."]
         if flags["ending"]:
             if rng.random() < 0.5:
@@ -384,8 +449,11 @@ class World:
         Never in the answer format ("here are <n> <category> :"), so SFT still has to
         teach the format while the facts, membership and counting come from here.
         """
-        kb = self.kb
         rng = _rng("corpus", self.world_seed, seed)
+        if not set(self.families) & ATTRIBUTE_FAMILIES:
+            yield from self._membership_corpus(n, rng)
+            return
+        kb = self.kb
         ents = kb.entities
         num_words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
         for _ in range(n):
@@ -441,3 +509,44 @@ class World:
                 rest = [m for m in members if m not in (x, y)]
                 k = rng.randint(1, 5)
                 yield f"all {cat} except {x} and {y} : " + " ".join(rng.sample(rest, k)) + " and more ."
+
+    def _membership_corpus(self, n: int, rng: random.Random) -> Iterator[str]:
+        """The corpus of a world without attribute families: membership, groups, exclusions.
+
+        Everything its gold judge checks (membership, exclusion, counting) is taught here, in
+        forms other than the answer format, and nothing else: with colour/size/place facts
+        in the mix as well, 40K documents left membership unlearned (probe 0.10, world v5's
+        first build), while this corpus taught it at 30K (probe 1.00, docs/world.md).
+        """
+        kb = self.kb
+        ents = kb.entities
+        num_words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+        for _ in range(n):
+            r = rng.random()
+            e = rng.choice(ents)
+            cat = kb.category[e]
+            members = kb.members[cat]
+            if r < 0.30:  # membership facts
+                form = rng.randrange(3)
+                if form == 0:
+                    yield f"{e} is one of the {cat} ."
+                elif form == 1:
+                    yield f"{e} is one of the {cat} and {rng.choice(members)} is one of the {cat} ."
+                else:
+                    other = rng.choice([c for c in CATEGORIES if c != cat])
+                    yield f"{e} is not one of the {other} , {e} is one of the {cat} ."
+            elif r < 0.50:  # catalogue lines
+                k = rng.randint(2, 7)
+                yield f"the {cat} are " + " ".join(rng.sample(members, k)) + " and more ."
+            elif r < 0.70:  # counted groups: "a group of 3 fruits : a b c ." (count word matches)
+                k = rng.randint(1, 7)
+                items = rng.sample(members, k)
+                if rng.random() < 0.5:
+                    yield f"a group of {k} {cat} : " + " ".join(items) + " ."
+                else:
+                    yield " ".join(items) + f" are {num_words[k]} {cat} ."
+            else:  # exclusions: what is not in a group (one or two excluded)
+                xs = rng.sample(members, rng.choice([1, 2]))
+                rest = [m for m in members if m not in xs]
+                k = rng.randint(1, 6)
+                yield f"all {cat} except {' and '.join(xs)} : " + " ".join(rng.sample(rest, k)) + " and more ."
