@@ -455,7 +455,6 @@ class World:
             return
         kb = self.kb
         ents = kb.entities
-        num_words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
         for _ in range(n):
             r = rng.random()
             e = rng.choice(ents)
@@ -495,20 +494,10 @@ class World:
                     pool, label = [m for m in members if kb.colour(m) in (c1, c2)], f"the {cat} that are {c1} or {c2} are"
                 k = rng.randint(2, min(6, len(pool)))
                 yield f"{label} " + " ".join(rng.sample(pool, k)) + " and more ."
-            elif r < 0.88:  # counted groups: "a group of 3 fruits : a b c ." (count word matches)
-                members = kb.members[cat]
-                k = rng.randint(1, 6)
-                items = rng.sample(members, k)
-                if rng.random() < 0.5:
-                    yield f"a group of {k} {cat} : " + " ".join(items) + " ."
-                else:
-                    yield " ".join(items) + f" are {num_words[k]} {cat} ."
+            elif r < 0.88:
+                yield _counted_group(rng, kb.members[cat], cat, max_k=6)
             else:  # exclusions: what is not in a group
-                members = kb.members[cat]
-                x, y = rng.sample(members, 2)
-                rest = [m for m in members if m not in (x, y)]
-                k = rng.randint(1, 5)
-                yield f"all {cat} except {x} and {y} : " + " ".join(rng.sample(rest, k)) + " and more ."
+                yield _exclusion(rng, kb.members[cat], cat, rng.sample(kb.members[cat], 2), max_k=5)
 
     def _membership_corpus(self, n: int, rng: random.Random) -> Iterator[str]:
         """The corpus of a world without attribute families: membership, groups, exclusions.
@@ -520,7 +509,6 @@ class World:
         """
         kb = self.kb
         ents = kb.entities
-        num_words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
         for _ in range(n):
             r = rng.random()
             e = rng.choice(ents)
@@ -538,15 +526,26 @@ class World:
             elif r < 0.50:  # catalogue lines
                 k = rng.randint(2, 7)
                 yield f"the {cat} are " + " ".join(rng.sample(members, k)) + " and more ."
-            elif r < 0.70:  # counted groups: "a group of 3 fruits : a b c ." (count word matches)
-                k = rng.randint(1, 7)
-                items = rng.sample(members, k)
-                if rng.random() < 0.5:
-                    yield f"a group of {k} {cat} : " + " ".join(items) + " ."
-                else:
-                    yield " ".join(items) + f" are {num_words[k]} {cat} ."
+            elif r < 0.70:
+                yield _counted_group(rng, members, cat, max_k=7)
             else:  # exclusions: what is not in a group (one or two excluded)
-                xs = rng.sample(members, rng.choice([1, 2]))
-                rest = [m for m in members if m not in xs]
-                k = rng.randint(1, 6)
-                yield f"all {cat} except {' and '.join(xs)} : " + " ".join(rng.sample(rest, k)) + " and more ."
+                yield _exclusion(rng, members, cat, rng.sample(members, rng.choice([1, 2])), max_k=6)
+
+
+_NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+
+
+def _counted_group(rng: random.Random, members: list[str], cat: str, max_k: int) -> str:
+    """'a group of 3 fruits : a b c .' or 'a b c are three fruits .' (the count word matches)."""
+    k = rng.randint(1, max_k)
+    items = rng.sample(members, k)
+    if rng.random() < 0.5:
+        return f"a group of {k} {cat} : " + " ".join(items) + " ."
+    return " ".join(items) + f" are {_NUM_WORDS[k]} {cat} ."
+
+
+def _exclusion(rng: random.Random, members: list[str], cat: str, excluded: list[str], max_k: int) -> str:
+    """'all fruits except x and y : a b and more .' -- what is not in a group."""
+    rest = [m for m in members if m not in excluded]
+    k = rng.randint(1, max_k)
+    return f"all {cat} except {' and '.join(excluded)} : " + " ".join(rng.sample(rest, k)) + " and more ."
