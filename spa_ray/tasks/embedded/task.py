@@ -17,7 +17,7 @@ class EmbeddedTask(Task):
     """A made-up knowledge-base world with a gold judge of five independent qualities.
 
     Sizes follow the paper's proportions: the prompt space (38,784 distinct prompts) plays
-    UltraFeedback's 60K; the seed set is ``seed_fraction`` (3.3%) of it, ~1.15K gold pairs.
+    UltraFeedback's 60K; the seed set is ``seed_fraction`` (3.3%) of it, 1,280 gold pairs.
     Iteration sets default to sizes that keep the embedded default run near 15 minutes
     on 2 CPU cores.
     """

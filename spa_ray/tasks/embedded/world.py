@@ -264,23 +264,23 @@ class World:
                     for x in ents:
                         for n in (2, 3, 4, 5):
                             out.append(PromptSpec(f"{verb} {n} {cat} except {x}", "except1", cat, n, (x,)))
-                for ci, c1 in enumerate(COLOURS):
-                    for c2 in COLOURS[ci + 1 :]:
-                        for n in (2, 3, 4, 5):
-                            if "colours" in on:
+                for ci, c1 in enumerate(COLOURS):  # colours and colour interleave (the v2-v4 prompt order)
+                    if "colours" in on:
+                        for c2 in COLOURS[ci + 1 :]:
+                            for n in (2, 3, 4, 5):
                                 out.append(PromptSpec(f"{verb} {n} {cat} that are {c1} or {c2}", "colours", cat, n, (),
                                                       (c1, c2)))
-                    for n in (2, 3):
-                        if "colour" in on:
+                    if "colour" in on:
+                        for n in (2, 3):
                             out.append(PromptSpec(f"{verb} {n} {cat} that are {c1}", "colour", cat, n, (), (c1,)))
-                for sz in SIZES:
-                    for x in ents:
-                        for n in (2, 3, 4, 5):
-                            if "size" in on:
+                if "size" in on:
+                    for sz in SIZES:
+                        for x in ents:
+                            for n in (2, 3, 4, 5):
                                 out.append(PromptSpec(f"{verb} {n} {sz} {cat} except {x}", "size", cat, n, (x,), (), sz))
-                for pl in PLACES:
-                    for n in (2, 3, 4):
-                        if "place" in on:
+                if "place" in on:
+                    for pl in PLACES:
+                        for n in (2, 3, 4):
                             out.append(PromptSpec(f"{verb} {n} {cat} that live in the {pl}", "place", cat, n, place=pl))
         for e in kb.entities:
             if "fact" in on:
