@@ -150,7 +150,7 @@ def _zero_engine(policy, optimizer, global_batch: int, micro: int, stage: int):
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if next(policy.parameters()).is_cuda else "gloo", rank=0, world_size=1)
     config = {
         "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": global_batch // micro,

@@ -43,7 +43,7 @@ class ModelConfig:
         None, help="SFT model pi_init: a hub id or local folder. None builds/uses the embedded task's tiny model."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        "auto", help="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+        "auto", help="Weights dtype; auto = the checkpoint's own dtype (as transformers' dtype='auto'): set bfloat16 on GPUs."
     )
     trust_remote_code: bool = field(False, help="Allow model repos to run their own Python code. Off unless asked.")
     max_prompt_len: int = field(1024, help="Prompt tokens kept (truncated from the left).")

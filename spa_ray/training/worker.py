@@ -88,12 +88,18 @@ def _deepspeed_config(spec: TrainStageSpec, plan: BatchPlan, use_bf16: bool) -> 
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every generator a resumed step must continue: CPU torch, Python, and this rank's GPU."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _stop_on_nonfinite(marker: Path, stage: str, step: int, rank: int, what: str, detail: str = "",
