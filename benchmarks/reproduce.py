@@ -1,6 +1,6 @@
 """Reproduce SPA's claims on the embedded task (issue #7): one grid file -> one results table.
 
-    nice -n 10 .venv/bin/python benchmarks/reproduce.py --grid benchmarks/grids/reproduce.yaml --docs docs/results.md
+    nice -n 10 .venv/bin/python benchmarks/reproduce.py --grid benchmarks/grids/reproduce.yaml --jobs 2 --docs docs/results.md
     .venv/bin/python benchmarks/reproduce.py --grid benchmarks/grids/reproduce.yaml --report-only --docs docs/results.md
     .venv/bin/python benchmarks/reproduce.py --grid benchmarks/grids/reproduce.yaml --cells spa dpo_seed --seeds 0
 
@@ -10,7 +10,9 @@ as ``jobs/spa_run.py``). Every (cell, seed) is one real run of the driver
 (``jobs/spa_run.py`` in a subprocess by default, or ``run_spa`` in this process with
 ``--in-process``) in ``<root>/<grid>/<cell>-s<seed>``. Runs are resumable: a finished
 (cell, seed) is not rerun (its status file says so and its ledger agrees); an
-interrupted one resumes after its last finished stage (the driver's ledger).
+interrupted one resumes after its last finished stage (the driver's ledger). ``--jobs N``
+runs N at a time; a cell that differs from an earlier cell only in iteration settings
+copies that cell's stages up to pi_0 (``run.start_from``; ``--no-share`` to redo them).
 
 Outputs in ``<root>/<grid>/``:
   results.csv       raw: one row per (cell, seed, evaluated policy): SFT = iteration -1,
@@ -119,8 +121,24 @@ def run_name(cell: Cell, seed: int) -> str:
     return f"{cell.name}-s{seed}"
 
 
-def run_overrides(grid: Grid, cell: Cell, seed: int) -> list[str]:
-    return [*grid.base_overrides, *cell.overrides, f"run.root={grid.out}", f"run.name={run_name(cell, seed)}", f"run.seed={seed}"]
+def run_overrides(grid: Grid, cell: Cell, seed: int, start_from: Path | None = None) -> list[str]:
+    out = [*grid.base_overrides, *cell.overrides, f"run.root={grid.out}", f"run.name={run_name(cell, seed)}", f"run.seed={seed}"]
+    return out + ([f"run.start_from={start_from}"] if start_from else [])
+
+
+def seed_stage_donors(grid: Grid, seed: int) -> dict[str, str | None]:
+    """Per cell, the first earlier cell of the grid whose stages up to pi_0 it may copy
+    (``run.start_from``: the two configs differ only in iteration settings), else None.
+    Donors are cells without a donor of their own, so a cell waits for at most one run."""
+    from spa_ray.pipeline.config import config_to_dict
+    from spa_ray.pipeline.start_from import seed_stage_differences
+
+    configs = {c.name: config_to_dict(resolved_config(grid, c, seed)) for c in grid.cells}
+    donors: dict[str, str | None] = {}
+    for i, cell in enumerate(grid.cells):
+        donors[cell.name] = next((d.name for d in grid.cells[:i] if donors[d.name] is None
+                                  and not seed_stage_differences(configs[d.name], configs[cell.name])), None)
+    return donors
 
 
 def resolved_config(grid: Grid, cell: Cell, seed: int):
@@ -154,15 +172,20 @@ def is_finished(grid: Grid, cell: Cell, seed: int) -> bool:
     return f"eval_pi_{status['iterations']}" in finished
 
 
-def run_one(grid: Grid, cell: Cell, seed: int, in_process: bool, log=print) -> dict:
+def run_one(grid: Grid, cell: Cell, seed: int, in_process: bool, log=print, start_from: Path | None = None) -> dict:
     name = run_name(cell, seed)
     config = resolved_config(grid, cell, seed)  # validates before anything runs
+    if start_from:
+        from spa_ray.pipeline.config import load_config
+
+        config = load_config(grid.base_config, run_overrides(grid, cell, seed, start_from))
     (grid.out / "_status").mkdir(parents=True, exist_ok=True)
     (grid.out / "_logs").mkdir(parents=True, exist_ok=True)
     log_path = grid.out / "_logs" / f"{name}.log"
     previous = read_status(grid, name) or {}
     started = time.time()
-    log(f"[{time.strftime('%H:%M:%S')}] run {name}: {' '.join(cell.overrides) or '(base config)'}")
+    log(f"[{time.strftime('%H:%M:%S')}] run {name}: {' '.join(cell.overrides) or '(base config)'}"
+        + (f" (seed stages from {start_from.name})" if start_from else ""))
     if in_process:
         from spa_ray.pipeline.driver import run_spa
 
@@ -176,7 +199,7 @@ def run_one(grid: Grid, cell: Cell, seed: int, in_process: bool, log=print) -> d
         cmd = [sys.executable, str(REPO / "jobs" / "spa_run.py")]
         if grid.base_config:
             cmd += ["--config", grid.base_config]
-        cmd += run_overrides(grid, cell, seed)
+        cmd += run_overrides(grid, cell, seed, start_from)
         env = dict(os.environ)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else every ray.train.report waits ~2 s
@@ -197,13 +220,53 @@ def run_one(grid: Grid, cell: Cell, seed: int, in_process: bool, log=print) -> d
     return record
 
 
-def run_grid(grid: Grid, cells: list[Cell], seeds: list[int], in_process: bool, log=print) -> None:
-    for seed in seeds:  # seed-major: a partial grid already has every cell of the first seeds
+def run_grid(grid: Grid, cells: list[Cell], seeds: list[int], in_process: bool, log=print,
+             jobs: int = 1, share: bool = True) -> None:
+    """Every (cell, seed) not finished yet, ``jobs`` at a time, seed-major (a partial grid
+    already has every cell of the first seeds). With ``share``, a cell with a donor
+    (``seed_stage_donors``) waits for it and copies its stages up to pi_0; if the donor
+    failed or is not part of this call and not finished, the cell runs from scratch."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    if in_process and jobs > 1:
+        raise SystemExit("--in-process runs one run at a time (one Ray driver per process); drop --jobs")
+    pending = []
+    for seed in seeds:
         for cell in cells:
             if is_finished(grid, cell, seed):
                 log(f"run {run_name(cell, seed)}: finished before, not rerun")
-                continue
-            run_one(grid, cell, seed, in_process, log)
+            else:
+                pending.append((seed, cell))
+    donors = {seed: seed_stage_donors(grid, seed) if share else {} for seed in seeds}
+    by_name = {c.name: c for c in grid.cells}
+    running: dict = {}
+
+    def donor_state(seed: int, cell: Cell) -> tuple[str, Path | None]:
+        donor = donors[seed].get(cell.name)
+        if donor is None:
+            return "ready", None
+        if is_finished(grid, by_name[donor], seed):
+            return "ready", grid.out / run_name(by_name[donor], seed)
+        if any(s == seed and c.name == donor for s, c in pending + list(running.values())):
+            return "wait", None
+        return "ready", None  # failed, or not run in this call: from scratch
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for task in list(pending):
+                if len(running) >= jobs:
+                    break
+                state, start_from = donor_state(*task)
+                if state == "ready":
+                    pending.remove(task)
+                    seed, cell = task
+                    running[pool.submit(run_one, grid, cell, seed, in_process, log, start_from)] = task
+            if not running:  # every pending task waits on a donor that is neither pending nor running
+                raise RuntimeError(f"grid scheduler: nothing runnable among {[run_name(c, s) for s, c in pending]}")
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                running.pop(future)
+                future.result()
 
 
 # --------------------------------------------------------------------------- collecting
@@ -677,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="collect and report what exists; run nothing")
     ap.add_argument("--docs", default=None, help="also write this markdown page (e.g. docs/results.md)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and their overrides, validate configs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own local Ray cluster)")
+    ap.add_argument("--no-share", action="store_true",
+                    help="every run makes its own pi_0 instead of copying it from a donor cell (run.start_from)")
     args = ap.parse_args(argv)
     grid = load_grid(args.grid, args.root, args.overrides)
     cells = grid.cells if not args.cells else [c for c in grid.cells if c.name in set(args.cells)]
@@ -686,14 +752,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds if args.seeds else grid.seeds
     if args.dry_run:
         for seed in seeds:
+            donors = seed_stage_donors(grid, seed) if not args.no_share else {}
             for cell in cells:
                 resolved_config(grid, cell, seed)
                 done = "finished" if is_finished(grid, cell, seed) else "to run"
-                print(f"{run_name(cell, seed):28s} {done:9s} {' '.join(cell.overrides)}")
+                donor = f"[pi_0 from {donors[cell.name]}] " if donors.get(cell.name) else ""
+                print(f"{run_name(cell, seed):28s} {done:9s} {donor}{' '.join(cell.overrides)}")
         return 0
     started = time.time()
     if not args.report_only:
-        run_grid(grid, cells, seeds, args.in_process)
+        run_grid(grid, cells, seeds, args.in_process, jobs=args.jobs, share=not args.no_share)
     command = "nice -n 10 .venv/bin/python " + " ".join(["benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
     rows = collect(grid)
     report(grid, rows, command, Path(args.docs) if args.docs else None)

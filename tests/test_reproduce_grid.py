@@ -127,6 +127,13 @@ def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray
     assert rm_row["judge_kind"] == "reward_model" and rm_row["self_refine"] == "False"
     assert rm_row["flag_precision"] == ""  # no self-refinement, no flags
 
+    # the reward-model cell copied the SPA cell's stages up to pi_0 (run.start_from): same pi_0
+    spa_ledger = json.loads((out / "spa-s0" / "stages.json").read_text())["finished"]
+    assert ledger["train_0"]["copied_from"] == str(out / "spa-s0") and "copied_from" not in spa_ledger["train_0"]
+    assert "copied_from" not in ledger["judge_model"] and "copied_from" not in ledger["train_1"]
+    pi0 = {r["cell"]: r["win_rate"] for r in rows if r["iteration"] == "0"}
+    assert pi0["rm_judge"] == pi0["spa"]
+
     # the SPA cell: label quality recomputed here from the labelled pairs
     spa_run = out / "spa-s0"
     assert not (spa_run / "judge_model").exists()
@@ -152,3 +159,49 @@ def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before
     assert not math.isnan(float(spa_row["win_rate"]))
+
+
+# ------------------------------------------------------------------ sharing pi_0 between cells
+def test_cells_that_differ_only_in_iteration_settings_share_the_seed_stage_cells_first():
+    grid = reproduce.load_grid(REPO / "benchmarks/grids/reproduce.yaml")
+    donors = reproduce.seed_stage_donors(grid, seed=0)
+    shared = {"rm_judge", "llm_judge", "spa_de", "spa_de_sr", "spa", "ref_previous", "ref_none", "spa_length"}
+    assert {name for name, donor in donors.items() if donor == "dpo_seed"} == shared
+    # other data (100% of the gold pairs, other seed sizes) make their own pi_0
+    assert {name for name, donor in donors.items() if donor is None} == {
+        "dpo_seed", "dpo_all", "spa_seed0.8", "spa_seed1.7", "spa_seed10"}
+
+
+def test_grid_scheduler_runs_two_at_a_time_and_a_cell_waits_for_its_donor(tmp_path, monkeypatch):
+    """The scheduler alone: run_one replaced by a recorder that finishes runs as the driver would
+    (status file + ledger), so the order and the start_from each run got are observable."""
+    import threading
+    import time as _time
+
+    grid = reproduce.load_grid(REPO / "benchmarks/grids/reproduce.yaml", root=str(tmp_path))
+    cells = [c for c in grid.cells if c.name in ("dpo_seed", "dpo_all", "spa", "spa_de")]
+    events, lock, active = [], threading.Lock(), []
+
+    def fake_run_one(grid_, cell, seed, in_process, log, start_from):
+        with lock:
+            active.append(cell.name)
+            events.append(("start", cell.name, start_from.name if start_from else None, len(active)))
+        _time.sleep(0.3 if cell.name == "dpo_seed" else 0.1)
+        run = grid_.out / reproduce.run_name(cell, seed)
+        run.mkdir(parents=True, exist_ok=True)
+        iterations = reproduce.resolved_config(grid_, cell, seed).run.iterations
+        (run / "stages.json").write_text(json.dumps({"finished": {f"eval_pi_{iterations}": {}}}))
+        (grid_.out / "_status").mkdir(parents=True, exist_ok=True)
+        (grid_.out / "_status" / f"{run.name}.json").write_text(json.dumps({"status": "done", "iterations": iterations}))
+        with lock:
+            active.remove(cell.name)
+            events.append(("end", cell.name, None, len(active)))
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    reproduce.run_grid(grid, cells, [0], in_process=False, log=lambda m: None, jobs=2)
+    starts = {name: (i, donor, n) for i, (kind, name, donor, n) in enumerate(events) if kind == "start"}
+    end_donor = next(i for i, (kind, name, _, _) in enumerate(events) if kind == "end" and name == "dpo_seed")
+    assert starts["spa"][1] == starts["spa_de"][1] == "dpo_seed-s0"
+    assert starts["spa"][0] > end_donor and starts["spa_de"][0] > end_donor
+    assert starts["dpo_all"][1] is None and starts["dpo_all"][0] < end_donor  # ran beside the donor
+    assert max(n for _, _, n in starts.values()) == 2

@@ -29,6 +29,10 @@ class RunConfig:
     root: str = field("runs", help="Folder holding run directories.")
     seed: int = field(0, help="Seed for data splits, sampling and training (the data seed).")
     iterations: int = field(2, help="SPA iterations T after the seed stage (paper: 3).")
+    start_from: str = field(
+        "", help="A finished run directory whose stages up to pi_0 this run copies instead of redoing; the "
+        "configs may differ only in iteration settings (judge, refinement, iterations). Empty: none."
+    )
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", "..") or ".." in self.name:

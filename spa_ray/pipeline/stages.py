@@ -55,6 +55,10 @@ class Run:
         self.config = config
         self.dir = RunDirectory(config.run.root, config.run.name)
         self._check_config()
+        if config.run.start_from:  # copy pi_0 and what precedes it from another run
+            from spa_ray.pipeline.start_from import adopt_seed_stages
+
+            adopt_seed_stages(self.dir, config.run.start_from, config_to_dict(config))
         self.task = load_task(config.data.task, **config.data.task_kwargs)
         self.pi_init = self._resolve_pi_init()
         from spa_ray.models.loading import check_model_folder
@@ -98,7 +102,7 @@ class Run:
             # read through the loader: settings added to the project since the run started
             # take their defaults, so an older run resumes if it did not rely on them
             before = config_to_dict(load_config(path))
-            diffs = _dict_diff(before, resolved, ignore={"run.iterations"})
+            diffs = _dict_diff(before, resolved, ignore={"run.iterations", "run.start_from"})
             if diffs:
                 raise ConfigError(
                     f"{path}: the run was started with another config ({', '.join(diffs)} differ); "
