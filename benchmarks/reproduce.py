@@ -58,7 +58,7 @@ CSV_COLUMNS = [
     "win_rate", "lc_win_rate", "mean_length", "gold_score",
     "judge_health", "pairs", "ties", "agreement", "agreement_after", "flag_rate", "flag_precision", "flag_recall",
     "flag_lift", "flagged_pairs", "decided_pairs", "alpha", "judge_kind", "self_refine", "decoupled_noise_detection",
-    "judge_reference", "seed_fraction", "length_penalty", "run_seconds", "run_dir",
+    "judge_reference", "seed_fraction", "length_penalty", "variant", "run_seconds", "run_dir",
 ]
 
 
@@ -328,7 +328,8 @@ def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
         "decoupled_noise_detection": tr["decoupled_noise_detection"], "judge_reference": jd["reference"],
         "seed_fraction": (config["data"].get("task_kwargs") or {}).get("seed_fraction", 0.033)
         if config["data"].get("gold_pairs", "seed") == "seed" else 1.0,
-        "length_penalty": jd["length_penalty"], "run_seconds": status.get("seconds"), "run_dir": str(run),
+        "length_penalty": jd["length_penalty"], "variant": (config.get("variant") or {}).get("name", "spa"),
+        "run_seconds": status.get("seconds"), "run_dir": str(run),
     }
     rows = []
     policies = [("init", -1), ("pi_0", 0)] + [(f"pi_{t}", t) for t in range(1, int(config["run"]["iterations"]) + 1)]

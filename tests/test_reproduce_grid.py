@@ -168,8 +168,10 @@ def test_cells_that_differ_only_in_iteration_settings_share_the_seed_stage_cells
     shared = {"rm_judge", "llm_judge", "spa_de", "spa_de_sr", "spa", "ref_previous", "ref_none", "spa_length"}
     assert {name for name, donor in donors.items() if donor == "dpo_seed"} == shared
     # other data (100% of the gold pairs, other seed sizes) make their own pi_0
+    # and so do the variants, which change the seed stage's loss too (variant.stages=all)
     assert {name for name, donor in donors.items() if donor is None} == {
-        "dpo_seed", "dpo_all", "spa_seed0.8", "spa_seed1.7", "spa_seed10"}
+        "dpo_seed", "dpo_all", "spa_seed0.8", "spa_seed1.7", "spa_seed10",
+        "var_sspo", "var_sp2dpo", "var_s_sppo", "var_wdro_dpo"}
 
 
 def test_grid_scheduler_runs_two_at_a_time_and_a_cell_waits_for_its_donor(tmp_path, monkeypatch):
