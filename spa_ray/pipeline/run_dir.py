@@ -113,20 +113,9 @@ class RunDirectory:
 
     def adopt_stage(self, stage: str, source: Path, relative: str, **info: Any) -> None:
         """Record ``stage`` as finished with a copy of another run's output folder ``source``
-        (``run.start_from``): copied under a temporary name, renamed into place, then recorded."""
-        final = self.subpath(*relative.split("/"))
-        if self.is_done(stage):
-            raise RunDirError(f"stage {stage!r} is already finished in {self.path}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(source, tmp, symlinks=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        self.mark_done(stage, path=str(final.relative_to(self.path)), **info)
+        (``run.start_from``), through the same temporary-folder-then-rename as a stage."""
+        with self.stage_dir(stage, *relative.split("/"), **info) as tmp:
+            shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True)
 
     def _clean_temporaries(self) -> None:
         """Remove what killed runs left half-written; finished stages are never touched."""
