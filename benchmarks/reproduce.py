@@ -91,7 +91,8 @@ class Grid:
 def load_grid(path: str | Path, root: str | None = None, extra_overrides: list[str] | None = None) -> Grid:
     path = Path(path)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = set(raw) - {"name", "root", "seeds", "base_config", "base_overrides", "cells", "claims", "description"}
+    unknown = set(raw) - {"name", "root", "seeds", "base_config", "base_overrides", "cells", "claims", "description",
+                          "notes"}
     if unknown:
         raise SystemExit(f"{path}: unknown grid keys {sorted(unknown)}")
     cells = []
@@ -633,7 +634,7 @@ def report(grid: Grid, rows: list[dict], command: str, docs: Path | None, log=pr
         f"# Reproduction grid `{grid.name}`",
         "",
         f"Grid file `{_rel(grid.path)}`, data seeds {grid.seeds}, commit `{_git_commit()}`, {time.strftime('%Y-%m-%d')}.",
-        f"Machine: {machine()}. Wall time of the runs: {total_s / 3600:.2f} h in all.",
+        f"Machine: {machine()}. Run time summed over runs: {total_s / 3600:.2f} h.",
         "",
         "Each row: mean ± sd over data seeds at the cell's last evaluated policy; win rates are over",
         "pi_init's own samples on held-out prompts (gold judge, ties half). Label columns are for the",
@@ -690,8 +691,9 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         f"- grid: `{_rel(grid.path)}` (below), data seeds {grid.seeds}; runs in `{_rel(grid.out)}/<cell>-s<seed>`",
         f"- raw numbers: [`results/{grid.name}.csv`](results/{grid.name}.csv) (one row per cell, seed and evaluated policy)",
         f"- machine: {machine()}",
-        f"- wall time of the runs: {total_s / 3600:.2f} h ({len(statuses)} of {expected} runs present"
-        + (f"; not finished: {', '.join(not_done)}" if not_done else "") + ")",
+        f"- run time summed over runs: {total_s / 3600:.2f} h ({sum(st in ('done', 'stopped') for st in statuses.values())}"
+        f" of {expected} runs finished" + (f"; unfinished: {', '.join(not_done)}" if not_done else "")
+        + "; with `--jobs 2` two runs overlap, so the wall clock is shorter)",
         f"- commit `{_git_commit()}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "## Results",
@@ -711,9 +713,11 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "",
         claims_table(verdicts) if verdicts else "(no claims listed in the grid file)",
         "",
-        "## Plots",
-        "",
     ]
+    notes = grid.raw.get("notes")
+    if notes:  # the hand-written reading of the numbers, kept outside this generated page
+        text += [(REPO / notes).read_text(encoding="utf-8").rstrip(), ""]
+    text += ["## Plots", ""]
     captions = {
         "label_quality.png": "Headline: label quality per iteration (left: every judge's agreement with gold; "
         "right: SPA's labels before and after self-refinement, and whether the flags find the wrong labels).",

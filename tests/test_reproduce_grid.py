@@ -150,6 +150,7 @@ def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray
     assert (docs.parent / "results" / "smoke.csv").read_text() == (out / "results.csv").read_text()
     page = docs.read_text()
     assert "| SPA: DE + SR + DND |" in page and "## What holds against the paper" in page
+    assert "## Reading the numbers" in page  # the grid's hand-written notes, included
     assert "SPA beats the reward-model judge" in page and "benchmarks/reproduce.py" in page
     assert "not run" not in page.split("## What holds against the paper")[1].split("## Plots")[0]
 
