@@ -152,7 +152,7 @@ def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray
     assert "| SPA: DE + SR + DND |" in page and "## What holds against the paper" in page
     assert "## Reading the numbers" in page  # the grid's hand-written notes, included
     assert "SPA beats the reward-model judge" in page and "benchmarks/reproduce.py" in page
-    assert "not run" not in page.split("## What holds against the paper")[1].split("## Plots")[0]
+    assert "not run" not in page.split("## What holds against the paper")[1].split("## Reading the numbers")[0]
 
     # a finished grid is not rerun: the ledgers and status files stay as they were
     before = {p: p.stat().st_mtime_ns for p in list(out.glob("*/stages.json")) + list(out.glob("_status/*.json"))}
