@@ -145,6 +145,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def differing_keys(a: Any, b: Any, ignore: frozenset[str] | set[str] = frozenset(), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees (``to_dict`` form).
+
+    A key is skipped when it, or a section above it (``"judge"`` covers ``judge.beta``),
+    is in ``ignore``.
+    """
+    key = prefix.rstrip(".")
+    if key and any(".".join(key.split(".")[:i]) in ignore for i in range(1, key.count(".") + 2)):
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for name in sorted(set(a) | set(b)):
+            out += differing_keys(a.get(name), b.get(name), ignore, f"{prefix}{name}.")
+        return out
+    return [] if a == b else [key]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value``; the value is parsed as YAML so numbers and lists work."""
     if "=" not in text:

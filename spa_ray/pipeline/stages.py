@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import yaml
 
 from spa_ray.pipeline.config import ConfigError, SPAConfig, config_to_dict, load_config
+from spa_ray.pipeline.config_tree import differing_keys
 from spa_ray.pipeline.run_dir import RunDirectory
 from spa_ray.pipeline.tables import read_json, read_parquet, write_json, write_parquet
 from spa_ray.pipeline.telemetry import Telemetry
@@ -102,7 +103,7 @@ class Run:
             # read through the loader: settings added to the project since the run started
             # take their defaults, so an older run resumes if it did not rely on them
             before = config_to_dict(load_config(path))
-            diffs = _dict_diff(before, resolved, ignore={"run.iterations", "run.start_from"})
+            diffs = differing_keys(before, resolved, ignore={"run.iterations", "run.start_from"})
             if diffs:
                 raise ConfigError(
                     f"{path}: the run was started with another config ({', '.join(diffs)} differ); "
@@ -128,16 +129,6 @@ class Run:
 
             self._actors = ActorSystem(self.config, self.pi_init)
         return self._actors
-
-
-def _dict_diff(a: Any, b: Any, prefix: str = "", ignore: set[str] = frozenset()) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.", ignore)
-        return out
-    key = prefix.rstrip(".")
-    return [] if a == b or key in ignore else [key]
 
 
 # ------------------------------------------------------------------------- stages

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from spa_ray.pipeline.config_tree import ConfigError
+from spa_ray.pipeline.config_tree import ConfigError, differing_keys
 from spa_ray.pipeline.run_dir import RunDirectory
 
 __all__ = ["SEED_STAGES", "ITERATION_SETTINGS", "seed_stage_differences", "adopt_seed_stages"]
@@ -37,24 +36,9 @@ ITERATION_SETTINGS = frozenset({
 })
 
 
-def _is_iteration_setting(key: str) -> bool:
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in ITERATION_SETTINGS for i in range(1, len(parts) + 1))
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
 def seed_stage_differences(source: dict, config: dict) -> list[str]:
     """Keys (dotted) whose values differ between two resolved configs and that a seed stage reads."""
-    a, b = _leaves(source), _leaves(config)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _is_iteration_setting(k))
+    return differing_keys(source, config, ignore=ITERATION_SETTINGS)
 
 
 def _read_source(source: Path) -> tuple[Path, dict, dict, list[dict]]:
