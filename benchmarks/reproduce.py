@@ -625,10 +625,11 @@ def _git_commit() -> str:
 
 def report(grid: Grid, rows: list[dict], command: str, docs: Path | None, log=print) -> dict[str, Path]:
     out = grid.out
-    write_csv(rows, out / "results.csv")
-    summary = cell_summary(rows, grid)
-    verdicts = [check_claim(rows, c) for c in grid.claims]
-    made = plots(rows, grid, out / "plots") if rows else []
+    write_csv(rows, out / "results.csv")  # raw: unfinished runs too, with their status
+    finished = [r for r in rows if r["status"] in ("done", "stopped")]  # tables, claims, plots: finished runs only
+    summary = cell_summary(finished, grid)
+    verdicts = [check_claim(finished, c) for c in grid.claims]
+    made = plots(finished, grid, out / "plots") if finished else []
     total_s = sum(float(r["run_seconds"]) for r in {(r["cell"], r["seed"]): r for r in rows}.values() if r.get("run_seconds"))
     body = [
         f"# Reproduction grid `{grid.name}`",
