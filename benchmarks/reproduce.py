@@ -142,10 +142,10 @@ def seed_stage_donors(grid: Grid, seed: int) -> dict[str, str | None]:
     return donors
 
 
-def resolved_config(grid: Grid, cell: Cell, seed: int):
+def resolved_config(grid: Grid, cell: Cell, seed: int, start_from: Path | None = None):
     from spa_ray.pipeline.config import load_config
 
-    return load_config(grid.base_config, run_overrides(grid, cell, seed))
+    return load_config(grid.base_config, run_overrides(grid, cell, seed, start_from))
 
 
 # --------------------------------------------------------------------------- running
@@ -175,11 +175,7 @@ def is_finished(grid: Grid, cell: Cell, seed: int) -> bool:
 
 def run_one(grid: Grid, cell: Cell, seed: int, in_process: bool, log=print, start_from: Path | None = None) -> dict:
     name = run_name(cell, seed)
-    config = resolved_config(grid, cell, seed)  # validates before anything runs
-    if start_from:
-        from spa_ray.pipeline.config import load_config
-
-        config = load_config(grid.base_config, run_overrides(grid, cell, seed, start_from))
+    config = resolved_config(grid, cell, seed, start_from)  # validates before anything runs
     (grid.out / "_status").mkdir(parents=True, exist_ok=True)
     (grid.out / "_logs").mkdir(parents=True, exist_ok=True)
     log_path = grid.out / "_logs" / f"{name}.log"

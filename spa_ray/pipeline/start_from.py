@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from spa_ray.pipeline.config_tree import ConfigError, differing_keys
-from spa_ray.pipeline.run_dir import RunDirectory
+from spa_ray.pipeline.run_dir import RunDirectory, read_metrics_file
 
 __all__ = ["SEED_STAGES", "ITERATION_SETTINGS", "seed_stage_differences", "adopt_seed_stages"]
 
@@ -57,14 +57,7 @@ def _read_source(source: Path) -> tuple[Path, dict, dict, list[dict]]:
     missing = [s for s in SEED_STAGES if s not in finished]
     if missing:
         raise ConfigError(f"run.start_from: {source} has not finished its seed stages ({', '.join(missing)} missing)")
-    records = []
-    metrics = source / "metrics.jsonl"
-    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    return source, finished, config_to_dict(load_config(config_path)), records
+    return source, finished, config_to_dict(load_config(config_path)), read_metrics_file(source / "metrics.jsonl")
 
 
 def adopt_seed_stages(run_dir: RunDirectory, source: str | Path, config: dict) -> list[str]:
