@@ -96,3 +96,15 @@ def test_readme_config_reference_is_current():
 
     readme = (REPO / "README.md").read_text()
     assert render(readme) == readme, "run: python tools/sync_readme.py"
+
+
+def test_a_partly_given_section_keeps_its_factorys_other_values():
+    """placement.judges defaults to 0.5 CPU (a shared core), not ActorGroup's 1.0: setting only its
+    GPUs must not silently change its CPUs to 1.0 (before this fix it did)."""
+    config = load_config(overrides=["placement.judges.num_gpus=0.25"])
+    assert (config.placement.judges.num_cpus, config.placement.judges.num_gpus) == (0.5, 0.25)
+    assert config.placement.generators.num_cpus == 0.5 and config.placement.trainer.num_cpus == 1.0
+    config = load_config(overrides=["data.task_kwargs={seed_fraction: 0.1}"])  # a plain dict is taken whole
+    assert config.data.task_kwargs == {"seed_fraction": 0.1}
+    with pytest.raises(ConfigError, match=r"unknown key placement\.judges\.bogus"):
+        load_config(overrides=["placement.judges.bogus=1"])

@@ -107,3 +107,37 @@ def test_resume_accepts_a_config_saved_before_new_settings_existed(tmp_path):
     run.config = load_config(overrides=[f"run.root={tmp_path}", "run.name=old", "training.alpha=0.3"])
     with pytest.raises(ConfigError, match="training.alpha"):
         run._check_config()
+
+
+def test_resume_may_change_resource_settings_and_logs_each_change(tmp_path):
+    """After an OOM a user resumes with less memory or more offload: RESOURCE_SETTINGS may
+    change (recorded in metrics.jsonl); the trainer's rank count and anything computed may not."""
+    from spa_ray.pipeline.config import ConfigError, load_config
+    from spa_ray.pipeline.run_dir import RunDirectory
+    from spa_ray.pipeline.stages import Run
+
+    base = [f"run.root={tmp_path}", "run.name=r"]
+    directory = RunDirectory(tmp_path, "r")
+    run = Run.__new__(Run)
+    run.config, run.dir = load_config(overrides=base), directory
+    run._check_config()
+    directory.mark_done("prepare")
+
+    changed = [*base, "generation.gpu_memory_utilization=0.4", "placement.judges.num_gpus=0.25",
+               "training.deepspeed={zero_optimization: {reduce_bucket_size: 1000000}}"]
+    run.config = load_config(overrides=changed)
+    run._check_config()
+    [record] = [r for r in directory.read_metrics() if r.get("kind") == "config_change"]
+    assert record["changed"] == {
+        "generation.gpu_memory_utilization": [0.85, 0.4],
+        "placement.judges.num_gpus": [0.0, 0.25],
+        "training.deepspeed.zero_optimization": [None, {"reduce_bucket_size": 1000000}],
+    }
+    assert record["finished_stages"] == ["prepare"]
+    run._check_config()  # the same config again: nothing new to record
+    assert len([r for r in directory.read_metrics() if r.get("kind") == "config_change"]) == 1
+
+    for refused in ("placement.trainer.count=2", "generation.batch_size=8", "training.zero_stage=3"):
+        run.config = load_config(overrides=[*changed, refused])
+        with pytest.raises(ConfigError, match=refused.split("=")[0].replace(".", r"\.")):
+            run._check_config()

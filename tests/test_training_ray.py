@@ -61,8 +61,12 @@ def test_batch_plan_covers_each_epoch_once_across_ranks():
 def test_two_gloo_workers_train_and_save_a_loadable_model(ray_local, tmp_path, zero_stage):
     policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     write_pairs(tmp_path / "pairs.parquet", _pairs(40))
-    spec = _spec(tmp_path, policy, f"train_z{zero_stage}", zero_stage=zero_stage)
+    buckets = {"zero_optimization": {"reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000}}
+    spec = _spec(tmp_path, policy, f"train_z{zero_stage}", zero_stage=zero_stage, deepspeed=buckets)
     out = run_train_stage(spec, ActorGroup(count=2, num_cpus=1), tmp_path / "train_state")
+    ran = json.loads((out / "deepspeed_config.json").read_text())  # training.deepspeed reached the engine's config
+    assert ran["zero_optimization"] == {"stage": zero_stage, **buckets["zero_optimization"]}
+    assert ran["gradient_accumulation_steps"] == 2  # 8 pairs = 2 ranks x micro 2 x 2
 
     trained = load_causal_lm(out)
     before = load_causal_lm(policy)

@@ -184,6 +184,11 @@ class TrainingConfig:
     denoise_warmup: float = field(0.2, help="Fraction of an iteration's steps with z = 0 while the window fills.")
     lambda_first: float = field(0.5, help="Extrapolation lambda of iteration 1; halved each iteration.")
     zero_stage: int = field(2, help="DeepSpeed ZeRO stage (0-3).")
+    deepspeed: dict = field(
+        default_factory=dict,
+        help="Extra DeepSpeed config merged over the run's, e.g. {zero_optimization: {reduce_bucket_size: 5.0e+7}}; "
+        "batch sizes, stage, clipping, precision, optimizer and schedule come from the settings above (refused here).",
+    )
     noise_chunk_size: int = field(128, help="Sequence chunk for extrapolated log-probs (memory bound).")
     checkpoint_every: int = field(
         0, help="Optimizer steps between step checkpoints a failed trainer worker resumes from (0: none)."
@@ -204,6 +209,12 @@ class TrainingConfig:
             raise ConfigError(f"training.denoise_warmup: must be in [0, 1), got {self.denoise_warmup}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"training.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        from spa_ray.training.deepspeed_config import check_extra_deepspeed
+
+        try:
+            check_extra_deepspeed(self.deepspeed)
+        except ValueError as exc:
+            raise ConfigError(f"training.deepspeed: {exc}") from None
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
             raise ConfigError(
                 f"training.global_batch_size ({self.global_batch_size}) must be >= "
@@ -282,6 +293,19 @@ class SPAConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+
+#: settings a resumed run may change: where and in what memory things run, never what they
+#: compute (OOM on resume -> lower a memory fraction, add offload, move to other nodes).
+#: placement.trainer.count is not here: a stage's step checkpoints are per rank.
+RESOURCE_SETTINGS = frozenset({
+    "placement.generators", "placement.judges", "placement.trainer.num_cpus", "placement.trainer.num_gpus",
+    "placement.trainer.resources", "placement.ray_address",
+    "weight_sync",
+    "generation.gpu_memory_utilization", "generation.tensor_parallel_size",
+    "judge.max_tokens_per_batch",
+    "training.noise_chunk_size", "training.checkpoint_every", "training.deepspeed",
+})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SPAConfig:

@@ -115,6 +115,21 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     return value
 
 
+def _filled(cls: type, base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with what it leaves out taken from ``base`` (a section's factory values),
+    descending only into sections; a plain dict setting given is taken whole, and unknown
+    keys stay to be refused by ``from_dict``."""
+    hints = _type_hints(cls)
+    out = dict(base)
+    for name, value in given.items():
+        section = hints.get(name)
+        if isinstance(value, dict) and isinstance(out.get(name), dict) and dataclasses.is_dataclass(section):
+            out[name] = _filled(section, out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", prefix: str = "") -> T:
     """Build ``cls`` from a nested mapping; unknown keys raise with their full dotted name."""
     hints = _type_hints(cls)
@@ -125,6 +140,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", pre
             f"{source}: unknown key{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(prefix + u for u in unknown)} (known under '{prefix or '<root>'}': {', '.join(sorted(names))})"
         )
+    data = dict(data)
+    for f in dataclasses.fields(cls):  # a partly given section keeps its factory's other values
+        if isinstance(data.get(f.name), dict) and dataclasses.is_dataclass(hints[f.name]) \
+                and f.default_factory is not dataclasses.MISSING:
+            data[f.name] = _filled(hints[f.name], to_dict(f.default_factory()), data[f.name])
     kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -160,6 +180,13 @@ def differing_keys(a: Any, b: Any, ignore: frozenset[str] | set[str] = frozenset
             out += differing_keys(a.get(name), b.get(name), ignore, f"{prefix}{name}.")
         return out
     return [] if a == b else [key]
+
+
+def get_dotted(tree: Any, key: str) -> Any:
+    """The value at a dotted key of a plain config tree (None where a section lacks it)."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from spa_ray.pipeline.config import ConfigError, SPAConfig, config_to_dict, load_config
-from spa_ray.pipeline.config_tree import differing_keys
+from spa_ray.pipeline.config import RESOURCE_SETTINGS, ConfigError, SPAConfig, config_to_dict, load_config
+from spa_ray.pipeline.config_tree import differing_keys, get_dotted
 from spa_ray.pipeline.run_dir import RunDirectory
 from spa_ray.pipeline.tables import read_json, read_parquet, write_json, write_parquet
 from spa_ray.pipeline.telemetry import Telemetry
@@ -96,19 +96,28 @@ class Run:
                 ray.shutdown()
 
     def _check_config(self) -> None:
-        """A resumed run must use the config it started with (run.iterations may grow)."""
+        """A resumed run must use the config it started with, except that run.iterations may
+        grow and RESOURCE_SETTINGS may change (each change is logged in metrics.jsonl)."""
         resolved = config_to_dict(self.config)
         path = self.dir.path / "config.yaml"
         if path.exists() and self.dir.finished_stages():  # before any stage finished, a corrected config may replace it
             # read through the loader: settings added to the project since the run started
             # take their defaults, so an older run resumes if it did not rely on them
             before = config_to_dict(load_config(path))
-            diffs = differing_keys(before, resolved, ignore={"run.iterations", "run.start_from"})
+            allowed = {"run.iterations", "run.start_from"}
+            diffs = differing_keys(before, resolved, ignore=allowed | RESOURCE_SETTINGS)
             if diffs:
                 raise ConfigError(
                     f"{path}: the run was started with another config ({', '.join(diffs)} differ); "
-                    "resume with the same config or choose another run.name"
+                    "resume with the same config or choose another run.name (resources may change: "
+                    f"{', '.join(sorted(RESOURCE_SETTINGS))})"
                 )
+            changed = differing_keys(before, resolved, ignore=allowed)
+            if changed:
+                values = {key: [get_dotted(before, key), get_dotted(resolved, key)] for key in changed}
+                self.dir.append_metrics({"kind": "config_change", "changed": values,
+                                         "finished_stages": self.dir.finished_stages()})
+                print(f"spa-ray: resuming with changed resource settings: {values}", flush=True)
         self.dir.write_text("config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     def _resolve_pi_init(self) -> str:
@@ -447,6 +456,7 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
             micro_batch_size=cfg.micro_batch_size,
             max_grad_norm=cfg.max_grad_norm,
             zero_stage=cfg.zero_stage,
+            deepspeed=dict(cfg.deepspeed),
             dtype=run.config.model.dtype,
             noise_chunk_size=cfg.noise_chunk_size,
             checkpoint_every=cfg.checkpoint_every,

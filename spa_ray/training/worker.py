@@ -26,6 +26,7 @@ from spa_ray.objectives._checks import NonFiniteValuesError
 from spa_ray.objectives.confidence_window import ConfidenceWindow
 from spa_ray.objectives.distributed import all_gather_1d
 from spa_ray.training.batch_plan import BatchPlan, group_by_length
+from spa_ray.training.deepspeed_config import reference_deepspeed_config, stage_deepspeed_config
 from spa_ray.training.pairs_table import read_pairs
 from spa_ray.training.preference_step import preference_step
 
@@ -59,6 +60,7 @@ class TrainStageSpec:
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
     zero_stage: int = 2
+    deepspeed: dict | None = None  # training.deepspeed: extra DeepSpeed keys merged over the run's
     dtype: str = "auto"
     noise_chunk_size: int = 128
     checkpoint_every: int = 0
@@ -68,23 +70,6 @@ class TrainStageSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _deepspeed_config(spec: TrainStageSpec, plan: BatchPlan, use_bf16: bool) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "train_batch_size": spec.global_batch_size,
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": plan.accumulation_steps,
-        "zero_optimization": {"stage": spec.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if spec.max_grad_norm > 0:
-        config["gradient_clipping"] = spec.max_grad_norm
-    if use_bf16:
-        config["bf16"] = {"enabled": True}
-    return config
 
 
 def _rng_state() -> dict[str, Any]:
@@ -175,20 +160,25 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * plan.total_steps), num_training_steps=plan.total_steps
     )
+    ds_config = stage_deepspeed_config(
+        global_batch_size=spec.global_batch_size,
+        micro_batch_size=spec.micro_batch_size,
+        accumulation_steps=plan.accumulation_steps,
+        zero_stage=spec.zero_stage,
+        max_grad_norm=spec.max_grad_norm,
+        use_bf16=use_bf16,
+        extra=spec.deepspeed,
+    )
+    if rank == 0:  # what this stage ran with, beside its outputs
+        Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(spec.output_dir) / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1), encoding="utf-8")
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=policy,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=_deepspeed_config(spec, plan, use_bf16),
-        dist_init_required=False,
+        model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     if spec.zero_stage == 3:  # shard the frozen reference too, as TRL does under ZeRO-3
-        ref_config = {
-            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-            "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": use_bf16},
-        }
-        reference, *_ = deepspeed.initialize(model=reference, config=ref_config, dist_init_required=False)
+        reference, *_ = deepspeed.initialize(
+            model=reference, config=reference_deepspeed_config(ds_config), dist_init_required=False
+        )
     reference.eval()
 
     window = ConfidenceWindow(
