@@ -347,6 +347,53 @@ def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
     return rows
 
 
+#: per-step numbers a variant's objective logs (train_log.jsonl), averaged over a stage
+VARIANT_STEP_KEYS = ("beta_mean", "beta_min", "sspo_delta", "sspo_g", "sspo_unpaired_above", "sppo_gate_mean",
+                     "sppo_repulsion", "wdro_weight_mean", "wdro_weight_max", "wdro_moved_pairs")
+#: per-stage numbers a variant's preparation records (checkpoints/pi_t/variant.json)
+VARIANT_STAGE_KEYS = ("beta_mean", "beta_min", "beta_max", "unpaired", "g_min", "similarity_mean", "gated_pairs",
+                      "pairs")
+
+
+def variant_diagnostics(grid: Grid, finished: list[dict]) -> list[dict]:
+    """What each variant did per training stage and seed: its preparation's numbers
+    (``variant.json``, prefixed ``prep_``) and its objective's per-step numbers averaged
+    over the stage's steps (``train_log.jsonl``). Finished runs of variant cells only."""
+    runs = sorted({(r["cell"], int(r["seed"]), r["run_dir"]) for r in finished if r.get("variant") not in (None, "", "spa")})
+    out = []
+    for cell, seed, run_dir in runs:
+        for stage in sorted((Path(run_dir) / "checkpoints").glob("pi_*"), key=lambda p: int(p.name[3:])):
+            row: dict[str, Any] = {"cell": cell, "seed": seed, "stage": int(stage.name[3:])}
+            info = stage / "variant.json"
+            if info.exists():
+                prep = json.loads(info.read_text())
+                row.update({f"prep_{k}": prep[k] for k in VARIANT_STAGE_KEYS if isinstance(prep.get(k), (int, float))})
+            log = stage / "train_log.jsonl"
+            steps = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+            for key in VARIANT_STEP_KEYS:
+                values = [float(s[key]) for s in steps if isinstance(s.get(key), (int, float)) and math.isfinite(s[key])]
+                if values:
+                    row[key] = sum(values) / len(values)
+            row["steps"] = len(steps)
+            out.append(row)
+    return out
+
+
+def variant_table(diagnostics: list[dict]) -> str:
+    """One line per (variant cell, stage): each number as mean ± sd over seeds."""
+    if not diagnostics:
+        return "(no finished variant runs)"
+    lines = ["| cell | stage | seeds | steps | what the variant did (mean ± sd over seeds) |", "|---|---|---|---|---|"]
+    for cell, stage in sorted({(d["cell"], d["stage"]) for d in diagnostics}):
+        ds = [d for d in diagnostics if d["cell"] == cell and d["stage"] == stage]
+        keys = [k for k in ds[0] if k not in ("cell", "seed", "stage", "steps")]
+        parts = [f"{k} {fmt(*mean_sd([d[k] for d in ds if k in d]))}" for k in keys]
+        steps = sorted({d["steps"] for d in ds})
+        lines.append(f"| {cell} | pi_{stage} | {len(ds)} | {'-'.join(str(n) for n in (steps[0], steps[-1])[:len(steps)])} "
+                     f"| {'; '.join(parts)} |")
+    return "\n".join(lines)
+
+
 def collect(grid: Grid) -> list[dict]:
     rows = []
     for cell in grid.cells:
@@ -717,6 +764,19 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         claims_table(verdicts) if verdicts else "(no claims listed in the grid file)",
         "",
     ]
+    if any(r.get("variant") not in (None, "", "spa") for r in rows):
+        text += [
+            "## What the variants did",
+            "",
+            "Per training stage of each variant cell (finished runs): `prep_*` from the stage's",
+            "preparation (`checkpoints/pi_t/variant.json`: SP2DPO's per-pair beta, SSPO's unpaired pool",
+            "and g_min, S-SPPO's response similarity and gated pairs), the rest averaged over the stage's",
+            "steps (`train_log.jsonl`: SSPO's threshold delta, g_t and share of unpaired responses",
+            "labelled winning; S-SPPO's gate and repulsion; WDRO's pair weights and pairs moved per batch).",
+            "",
+            variant_table(variant_diagnostics(grid, [r for r in rows if r["status"] in ("done", "stopped")])),
+            "",
+        ]
     notes = grid.raw.get("notes")
     if notes:  # the hand-written reading of the numbers, kept outside this generated page
         text += [(REPO / notes).read_text(encoding="utf-8").rstrip(), ""]

@@ -91,6 +91,35 @@ def tiny_model(tmp_path_factory):
     return str(build_embedded_model(cache_dir=cache, spec=TINY_BUILD, log=lambda m: None))
 
 
+def test_variant_diagnostics_average_each_stage_over_steps_then_seeds(tmp_path):
+    """The 'What the variants did' table: variant.json numbers per stage, train_log step
+    numbers averaged over the stage, then mean ± sd over seeds; SPA's own runs are left out."""
+    def write_run(name, stages):
+        for t, (prep, steps) in stages.items():
+            folder = tmp_path / name / "checkpoints" / f"pi_{t}"
+            folder.mkdir(parents=True)
+            (folder / "variant.json").write_text(json.dumps({"variant": "sp2dpo", "stage": t, **prep}))
+            (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": i, "loss": 0.5, **s}) + "\n"
+                                                            for i, s in enumerate(steps)))
+        return str(tmp_path / name)
+
+    s0 = write_run("var-s0", {0: ({"beta_mean": 0.1, "categories": {"a": 3}}, [{"beta_mean": 0.1}, {"beta_mean": 0.3}]),
+                              1: ({"beta_mean": 0.2}, [{"beta_mean": 0.2}])})
+    s1 = write_run("var-s1", {0: ({"beta_mean": 0.3}, [{"beta_mean": 0.4}, {"beta_mean": float("nan")}])})
+    spa = write_run("spa-s0", {0: ({"beta_mean": 9.0}, [{"beta_mean": 9.0}])})
+    finished = [{"cell": "var", "seed": 0, "run_dir": s0, "variant": "sp2dpo"},
+                {"cell": "var", "seed": 0, "run_dir": s0, "variant": "sp2dpo"},  # one row per evaluated policy
+                {"cell": "var", "seed": 1, "run_dir": s1, "variant": "sp2dpo"},
+                {"cell": "spa", "seed": 0, "run_dir": spa, "variant": "spa"}]
+    rows = reproduce.variant_diagnostics(None, finished)
+    assert [(r["cell"], r["seed"], r["stage"]) for r in rows] == [("var", 0, 0), ("var", 0, 1), ("var", 1, 0)]
+    assert rows[0]["beta_mean"] == pytest.approx(0.2) and rows[0]["prep_beta_mean"] == 0.1 and rows[0]["steps"] == 2
+    assert rows[2]["beta_mean"] == pytest.approx(0.4)  # a non-finite step value is skipped
+    table = reproduce.variant_table(rows).splitlines()
+    assert table[2] == "| var | pi_0 | 2 | 2 | prep_beta_mean 0.200 ± 0.141; beta_mean 0.300 ± 0.141 |"
+    assert table[3] == "| var | pi_1 | 1 | 1 | prep_beta_mean 0.200; beta_mean 0.200 |"
+
+
 def test_smoke_grid_runs_both_cells_through_the_driver_and_writes_the_report(ray_local, tiny_model, tmp_path):
     root, docs = tmp_path / "grids", tmp_path / "docs" / "results.md"
     argv = ["--grid", str(REPO / "benchmarks/grids/smoke.yaml"), "--root", str(root), "--in-process",
