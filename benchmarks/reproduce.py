@@ -666,6 +666,23 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def busy_wall_seconds(grid: Grid) -> float:
+    """Wall clock during which at least one grid run was going: the union of the runs'
+    [start, end] intervals (last attempt each, from _status/), so the gaps between sessions
+    and the overlap of ``--jobs`` runs are not counted."""
+    spans = []
+    for path in (grid.out / "_status").glob("*.json"):
+        st = json.loads(path.read_text())
+        if st.get("finished_at") and st.get("attempt_seconds") is not None:
+            spans.append((st["finished_at"] - st["attempt_seconds"], st["finished_at"]))
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def report(grid: Grid, rows: list[dict], command: str, docs: Path | None, log=print) -> dict[str, Path]:
     out = grid.out
     write_csv(rows, out / "results.csv")  # raw: unfinished runs too, with their status
@@ -743,7 +760,8 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         f"- raw numbers: [`results/{grid.name}.csv`](results/{grid.name}.csv) (one row per cell, seed and evaluated policy)",
         f"- machine: {machine()}",
         f"- run time summed over runs: {total_s / 3600:.2f} h ({finished} of {expected} runs finished" + (f"; unfinished: {', '.join(not_done)}" if not_done else "")
-        + "; with `--jobs 2` two runs overlap, so the wall clock is shorter)",
+        + f"); wall clock while at least one run was going: {busy_wall_seconds(grid) / 3600:.2f} h "
+        "(runs overlap with `--jobs 2`; a resumed run counts its last attempt only)",
         f"- commit `{_git_commit()}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         "## Results",

@@ -237,3 +237,16 @@ def test_grid_scheduler_runs_two_at_a_time_and_a_cell_waits_for_its_donor(tmp_pa
     assert starts["spa"][0] > end_donor and starts["spa_de"][0] > end_donor
     assert starts["dpo_all"][1] is None and starts["dpo_all"][0] < end_donor  # ran beside the donor
     assert max(n for _, _, n in starts.values()) == 2
+
+
+def test_busy_wall_clock_is_the_union_of_run_intervals(tmp_path):
+    status = tmp_path / "_status"
+    status.mkdir(parents=True)
+    # [0, 10] and [5, 20] overlap (20 s busy), [100, 130] alone (30 s): 50 s; a running one has no status yet
+    for name, (start, end) in {"a": (0, 10), "b": (5, 20), "c": (100, 130)}.items():
+        (status / f"{name}.json").write_text(json.dumps({"finished_at": 1e9 + end, "attempt_seconds": end - start}))
+
+    class _Grid:
+        out = tmp_path
+
+    assert reproduce.busy_wall_seconds(_Grid()) == pytest.approx(50.0)
