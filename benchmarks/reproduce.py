@@ -387,7 +387,11 @@ def variant_table(diagnostics: list[dict]) -> str:
     for cell, stage in sorted({(d["cell"], d["stage"]) for d in diagnostics}):
         ds = [d for d in diagnostics if d["cell"] == cell and d["stage"] == stage]
         keys = [k for k in ds[0] if k not in ("cell", "seed", "stage", "steps")]
-        parts = [f"{k} {fmt(*mean_sd([d[k] for d in ds if k in d]))}" for k in keys]
+        parts = []
+        for k in keys:
+            values = [d[k] for d in ds if k in d]
+            counts = all(float(v).is_integer() for v in values) and not k.startswith(("wdro_", "sspo_", "sppo_"))
+            parts.append(f"{k} {fmt(*mean_sd(values), digits=0 if counts else 3)}")
         steps = sorted({d["steps"] for d in ds})
         lines.append(f"| {cell} | pi_{stage} | {len(ds)} | {'-'.join(str(n) for n in (steps[0], steps[-1])[:len(steps)])} "
                      f"| {'; '.join(parts)} |")
