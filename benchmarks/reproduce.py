@@ -645,7 +645,59 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
     fig.savefig(out / "label_quality.png", dpi=100)
     plt.close(fig)
     made.append(out / "label_quality.png")
+
+    points = iteration_gains(rows)
+    if points:  # why an iteration helps or not: its gain against the quality of its labels
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        shown = [c for c in grid.cells if any(p["cell"] == c.name for p in points)]
+        for k, cell in enumerate(shown):
+            mine = [p for p in points if p["cell"] == cell.name]
+            ax.scatter([p["agreement"] for p in mine], [p["gain"] for p in mine], s=22, label=cell.label,
+                       color=plt.get_cmap("tab20")(k % 20), marker="osD^v<>"[k % 7])
+        fit = least_squares_line([p["agreement"] for p in points], [p["gain"] for p in points])
+        if fit is not None:
+            xs = [min(p["agreement"] for p in points), max(p["agreement"] for p in points)]
+            ax.plot(xs, [fit[0] + fit[1] * x for x in xs], color="black", lw=1,
+                    label=f"least squares: slope {fit[1]:.2f}, r = {fit[2]:.2f}, n = {len(points)}")
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("iteration t's labels agreeing with gold")
+        ax.set_ylabel("win rate of pi_t minus pi_(t-1)")
+        ax.set_title("does an iteration help? its gain against its label quality")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        fig.savefig(out / "gain_vs_agreement.png", dpi=100)
+        plt.close(fig)
+        made.append(out / "gain_vs_agreement.png")
     return made
+
+
+def iteration_gains(rows: list[dict]) -> list[dict]:
+    """One point per (cell, seed, iteration t >= 1) with labels: gold agreement of iteration t's
+    labels and the win-rate change pi_(t-1) -> pi_t of the same run."""
+    by_run = {}
+    for r in rows:
+        by_run.setdefault((r["cell"], int(r["seed"])), {})[int(r["iteration"])] = r
+    points = []
+    for (cell, seed), its in sorted(by_run.items()):
+        for t, r in sorted(its.items()):
+            prev = its.get(t - 1)
+            if t >= 1 and prev is not None and r.get("agreement") not in (None, "") and r.get("win_rate") not in (None, ""):
+                points.append({"cell": cell, "seed": seed, "iteration": t, "agreement": float(r["agreement"]),
+                               "gain": float(r["win_rate"]) - float(prev["win_rate"])})
+    return points
+
+
+def least_squares_line(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
+    """(intercept, slope, Pearson r) of y on x; None with fewer than 3 points or no spread."""
+    if len(xs) < 3:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return my - sxy / sxx * mx, sxy / sxx, sxy / math.sqrt(sxx * syy)
 
 
 # --------------------------------------------------------------------------- reports
@@ -808,6 +860,8 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "right: SPA's labels before and after self-refinement, and whether the flags find the wrong labels).",
         "win_rate_curves.png": "Gold win rate over pi_init per iteration (paper's Fig. 3), mean ± sd band over seeds.",
         "lc_win_rate_curves.png": "Length-controlled win rate per iteration.",
+        "gain_vs_agreement.png": "Why an iteration helps or not: each point is one iteration of one run (cell, data "
+        "seed), its labels' agreement with gold against the win-rate change it made.",
     }
     order = sorted(images, key=lambda p: 0 if p.name.endswith("label_quality.png") else 1)
     for p in order:

@@ -250,3 +250,15 @@ def test_busy_wall_clock_is_the_union_of_run_intervals(tmp_path):
         out = tmp_path
 
     assert reproduce.busy_wall_seconds(_Grid()) == pytest.approx(50.0)
+
+
+def test_iteration_gains_pair_each_iteration_with_the_one_before_and_fit_a_line():
+    rows = [{"cell": "a", "seed": 0, "iteration": it, "win_rate": w, "agreement": ag}
+            for it, w, ag in ((-1, 0.5, None), (0, 0.52, None), (1, 0.56, 0.7), (2, 0.55, 0.6))]
+    rows += [{"cell": "a", "seed": 1, "iteration": 1, "win_rate": 0.6, "agreement": 0.8}]  # no pi_0 row: no point
+    points = reproduce.iteration_gains(rows)
+    assert [(p["seed"], p["iteration"]) for p in points] == [(0, 1), (0, 2)]
+    assert [p["gain"] for p in points] == pytest.approx([0.04, -0.01])
+    intercept, slope, r = reproduce.least_squares_line([0.5, 0.6, 0.7], [0.0, 0.02, 0.04])
+    assert (slope, intercept, r) == pytest.approx((0.2, -0.1, 1.0))
+    assert reproduce.least_squares_line([0.5, 0.6], [0.0, 0.1]) is None
