@@ -26,8 +26,30 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt_key(prompt).encode("utf-8")).hexdigest()[:16]
 
 
+class _PromptRecordMixin:
+    """What both records share: prompt identity and plain-dict round trips (unknown keys dropped)."""
+
+    prompt: str
+
+    @property
+    def key(self) -> str:
+        return prompt_key(self.prompt)
+
+    @property
+    def prompt_id(self) -> str:
+        return prompt_id(self.prompt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(_PromptRecordMixin):
     """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response.
 
     ``source`` is the dataset's own ``source`` column (e.g. ``"evol_instruct"``) when present;
@@ -45,48 +67,16 @@ class PreferencePair:
     chosen_model: str | None = None
     rejected_model: str | None = None
 
-    @property
-    def key(self) -> str:
-        return prompt_key(self.prompt)
-
-    @property
-    def prompt_id(self) -> str:
-        return prompt_id(self.prompt)
-
     def to_prompt(self) -> "PromptRecord":
         """The prompt alone (gold responses and labels dropped), keeping provenance."""
         return PromptRecord(prompt=self.prompt, file=self.file, row=self.row, source=self.source)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreferencePair":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass(frozen=True)
-class PromptRecord:
+class PromptRecord(_PromptRecordMixin):
     """A prompt without responses (the iteration prompt sets X_1, X_2, ...)."""
 
     prompt: str
     file: str | None = None
     row: int | None = None
     source: str | None = None
-
-    @property
-    def key(self) -> str:
-        return prompt_key(self.prompt)
-
-    @property
-    def prompt_id(self) -> str:
-        return prompt_id(self.prompt)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PromptRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
