@@ -687,6 +687,17 @@ def iteration_gains(rows: list[dict]) -> list[dict]:
     return points
 
 
+def gain_fit_sentence(points: list[dict]) -> str:
+    """The fit behind gain_vs_agreement.png in words, with where the line crosses zero."""
+    fit = least_squares_line([p["agreement"] for p in points], [p["gain"] for p in points])
+    if fit is None:
+        return "(too few iterations with labels for a fit)"
+    intercept, slope, r = fit
+    zero = f"; the line crosses zero at agreement {-intercept / slope:.3f}" if slope > 0 else ""
+    return (f"Least squares over {len(points)} iterations: win-rate change = {intercept:.3f} + {slope:.3f} × agreement, "
+            f"r = {r:.2f}{zero}. One run's win rate has a standard error of about 0.016, so a single point is noisy.")
+
+
 def least_squares_line(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
     """(intercept, slope, Pearson r) of y on x; None with fewer than 3 points or no spread."""
     if len(xs) < 3:
@@ -864,9 +875,12 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "seed), its labels' agreement with gold against the win-rate change it made.",
     }
     order = sorted(images, key=lambda p: 0 if p.name.endswith("label_quality.png") else 1)
+    finished_rows = [r for r in rows if r["status"] in ("done", "stopped")]
     for p in order:
         key = next((k for k in captions if p.name.endswith(k)), "")
         text += [f"![{key}](results/{p.name})", "", captions.get(key, ""), ""]
+        if key == "gain_vs_agreement.png":
+            text += [gain_fit_sentence(iteration_gains(finished_rows)), ""]
     text += ["## The grid", "", "```yaml", yaml.safe_dump(grid.raw, sort_keys=False).rstrip(), "```", ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(text), encoding="utf-8")

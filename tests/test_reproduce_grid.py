@@ -262,3 +262,6 @@ def test_iteration_gains_pair_each_iteration_with_the_one_before_and_fit_a_line(
     intercept, slope, r = reproduce.least_squares_line([0.5, 0.6, 0.7], [0.0, 0.02, 0.04])
     assert (slope, intercept, r) == pytest.approx((0.2, -0.1, 1.0))
     assert reproduce.least_squares_line([0.5, 0.6], [0.0, 0.1]) is None
+    points = [{"agreement": a, "gain": g} for a, g in ((0.5, -0.02), (0.6, 0.0), (0.7, 0.02))]
+    assert "crosses zero at agreement 0.600" in reproduce.gain_fit_sentence(points)
+    assert reproduce.gain_fit_sentence(points[:2]) == "(too few iterations with labels for a fit)"
