@@ -158,11 +158,25 @@ def read_status(grid: Grid, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+#: run statuses whose results count (a stopped run ended on purpose, e.g. the judge health floor)
+FINISHED = ("done", "stopped")
+
+
+def finished_rows(rows: list[dict]) -> list[dict]:
+    """The CSV rows of finished runs: what tables, claims and plots are made from."""
+    return [r for r in rows if r["status"] in FINISHED]
+
+
+def is_variant_row(row: dict) -> bool:
+    """A row of a variant cell (SSPO, SP2DPO, S-SPPO, WDRO-DPO), not of SPA itself."""
+    return row.get("variant") not in (None, "", "spa")
+
+
 def is_finished(grid: Grid, cell: Cell, seed: int) -> bool:
     """Finished = the status file says done/stopped AND the run's ledger has its last evaluation
     (or the health-check stop that ended it)."""
     status = read_status(grid, run_name(cell, seed))
-    if not status or status.get("status") not in ("done", "stopped"):
+    if not status or status.get("status") not in FINISHED:
         return False
     ledger = grid.out / run_name(cell, seed) / "stages.json"
     if not ledger.exists():
@@ -355,11 +369,11 @@ VARIANT_STAGE_KEYS = ("beta_mean", "beta_min", "beta_max", "unpaired", "g_min", 
                       "pairs")
 
 
-def variant_diagnostics(grid: Grid, finished: list[dict]) -> list[dict]:
+def variant_diagnostics(finished: list[dict]) -> list[dict]:
     """What each variant did per training stage and seed: its preparation's numbers
     (``variant.json``, prefixed ``prep_``) and its objective's per-step numbers averaged
     over the stage's steps (``train_log.jsonl``). Finished runs of variant cells only."""
-    runs = sorted({(r["cell"], int(r["seed"]), r["run_dir"]) for r in finished if r.get("variant") not in (None, "", "spa")})
+    runs = sorted({(r["cell"], int(r["seed"]), r["run_dir"]) for r in finished if is_variant_row(r)})
     out = []
     for cell, seed, run_dir in runs:
         for stage in sorted((Path(run_dir) / "checkpoints").glob("pi_*"), key=lambda p: int(p.name[3:])):
@@ -753,7 +767,7 @@ def busy_wall_seconds(grid: Grid) -> float:
 def report(grid: Grid, rows: list[dict], command: str, docs: Path | None, log=print) -> dict[str, Path]:
     out = grid.out
     write_csv(rows, out / "results.csv")  # raw: unfinished runs too, with their status
-    finished = [r for r in rows if r["status"] in ("done", "stopped")]  # tables, claims, plots: finished runs only
+    finished = finished_rows(rows)  # tables, claims, plots: finished runs only
     summary = cell_summary(finished, grid)
     verdicts = [check_claim(finished, c) for c in grid.claims]
     made = plots(finished, grid, out / "plots") if finished else []
@@ -802,7 +816,7 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         shutil.copy2(p, dst)
         images.append(dst)
     statuses = {(r["cell"], r["seed"]): r["status"] for r in rows}
-    not_done = sorted(f"{c}-s{s}" for (c, s), st in statuses.items() if st not in ("done", "stopped"))
+    not_done = sorted(f"{c}-s{s}" for (c, s), st in statuses.items() if st not in FINISHED)
     expected = len(grid.cells) * len(grid.seeds)
     text = [
         "# Reproducing SPA's claims on the embedded task",
@@ -811,7 +825,8 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "     script, not this page. -->",
         "",
     ]
-    finished = sum(st in ("done", "stopped") for st in statuses.values())
+    finished = sum(st in FINISHED for st in statuses.values())
+    done_rows = finished_rows(rows)
     if finished < expected:
         text += [f"**Partial: {finished} of {expected} runs finished.** Cells with fewer seeds than the grid's are",
                  f"not comparable yet. `nice -n 10 .venv/bin/python benchmarks/reproduce.py --grid {_rel(grid.path)}"
@@ -849,7 +864,7 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         claims_table(verdicts) if verdicts else "(no claims listed in the grid file)",
         "",
     ]
-    if any(r.get("variant") not in (None, "", "spa") for r in rows):
+    if any(is_variant_row(r) for r in rows):
         text += [
             "## What the variants did",
             "",
@@ -859,7 +874,7 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
             "steps (`train_log.jsonl`: SSPO's threshold delta, g_t and share of unpaired responses",
             "labelled winning; S-SPPO's gate and repulsion; WDRO's pair weights and pairs moved per batch).",
             "",
-            variant_table(variant_diagnostics(grid, [r for r in rows if r["status"] in ("done", "stopped")])),
+            variant_table(variant_diagnostics(done_rows)),
             "",
         ]
     notes = grid.raw.get("notes")
@@ -875,12 +890,11 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "seed), its labels' agreement with gold against the win-rate change it made.",
     }
     order = sorted(images, key=lambda p: 0 if p.name.endswith("label_quality.png") else 1)
-    finished_rows = [r for r in rows if r["status"] in ("done", "stopped")]
     for p in order:
         key = next((k for k in captions if p.name.endswith(k)), "")
         text += [f"![{key}](results/{p.name})", "", captions.get(key, ""), ""]
         if key == "gain_vs_agreement.png":
-            text += [gain_fit_sentence(iteration_gains(finished_rows)), ""]
+            text += [gain_fit_sentence(iteration_gains(done_rows)), ""]
     text += ["## The grid", "", "```yaml", yaml.safe_dump(grid.raw, sort_keys=False).rstrip(), "```", ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(text), encoding="utf-8")

@@ -111,7 +111,7 @@ def test_variant_diagnostics_average_each_stage_over_steps_then_seeds(tmp_path):
                 {"cell": "var", "seed": 0, "run_dir": s0, "variant": "sp2dpo"},  # one row per evaluated policy
                 {"cell": "var", "seed": 1, "run_dir": s1, "variant": "sp2dpo"},
                 {"cell": "spa", "seed": 0, "run_dir": spa, "variant": "spa"}]
-    rows = reproduce.variant_diagnostics(None, finished)
+    rows = reproduce.variant_diagnostics(finished)
     assert [(r["cell"], r["seed"], r["stage"]) for r in rows] == [("var", 0, 0), ("var", 0, 1), ("var", 1, 0)]
     assert rows[0]["beta_mean"] == pytest.approx(0.2) and rows[0]["prep_beta_mean"] == 0.1 and rows[0]["steps"] == 2
     assert rows[2]["beta_mean"] == pytest.approx(0.4)  # a non-finite step value is skipped
