@@ -138,7 +138,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", pre
     if unknown:
         raise ConfigError(
             f"{source}: unknown key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(prefix + u for u in unknown)} (known under '{prefix or '<root>'}': {', '.join(sorted(names))})"
+            f"{', '.join(prefix + u for u in unknown)} (known under '{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(names))})"
         )
     data = dict(data)
     for f in dataclasses.fields(cls):  # a partly given section keeps its factory's other values
