@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -829,8 +830,7 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
     done_rows = finished_rows(rows)
     if finished < expected:
         text += [f"**Partial: {finished} of {expected} runs finished.** Cells with fewer seeds than the grid's are",
-                 f"not comparable yet. `nice -n 10 .venv/bin/python benchmarks/reproduce.py --grid {_rel(grid.path)}"
-                 f" --jobs 2 --docs {_rel(docs)}` completes the grid (it resumes where it stopped).", ""]
+                 "not comparable yet. The first command below completes the grid (it resumes where it stopped).", ""]
     text += [
         "## How this page was made",
         "",
@@ -901,7 +901,27 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def page_command(args: argparse.Namespace) -> str:
+    """The one command that makes the whole page: this call without its filters (--cells,
+    --seeds) and without --report-only / --dry-run. Rerunning it skips finished runs and
+    resumes unfinished ones, so it is also the command that completes a partial grid."""
+    parts = ["benchmarks/reproduce.py", "--grid", args.grid]
+    if args.root:
+        parts += ["--root", args.root]
+    for override in args.overrides:
+        parts += ["--set", override]
+    if args.in_process:
+        parts.append("--in-process")
+    if args.jobs != 1:
+        parts += ["--jobs", str(args.jobs)]
+    if args.no_share:
+        parts.append("--no-share")
+    if args.docs:
+        parts += ["--docs", args.docs]
+    return "nice -n 10 .venv/bin/python " + shlex.join(parts)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", required=True, help="grid YAML (benchmarks/grids/)")
     ap.add_argument("--root", default=None, help="folder of grid outputs (default: the grid's root, else runs/reproduce)")
@@ -915,7 +935,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own local Ray cluster)")
     ap.add_argument("--no-share", action="store_true",
                     help="every run makes its own pi_0 instead of copying it from a donor cell (run.start_from)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     grid = load_grid(args.grid, args.root, args.overrides)
     cells = grid.cells if not args.cells else [c for c in grid.cells if c.name in set(args.cells)]
     missing = set(args.cells or []) - {c.name for c in cells}
@@ -934,7 +958,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     if not args.report_only:
         run_grid(grid, cells, seeds, args.in_process, jobs=args.jobs, share=not args.no_share)
-    command = "nice -n 10 .venv/bin/python " + " ".join(["benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    invoked = "nice -n 10 .venv/bin/python " + shlex.join(["benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    command = page_command(args)
+    if invoked != command:
+        command += f"\n# this page was written by: {invoked}"
     rows = collect(grid)
     report(grid, rows, command, Path(args.docs) if args.docs else None)
     print(f"reproduce: {len(rows)} rows from {len({(r['cell'], r['seed']) for r in rows})} runs; "

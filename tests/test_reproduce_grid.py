@@ -91,6 +91,18 @@ def tiny_model(tmp_path_factory):
     return str(build_embedded_model(cache_dir=cache, spec=TINY_BUILD, log=lambda m: None))
 
 
+def test_the_page_names_the_command_that_makes_the_whole_grid_not_a_filtered_call():
+    grid = "benchmarks/grids/reproduce.yaml"
+    filtered = reproduce.parser().parse_args(
+        ["--grid", grid, "--jobs", "2", "--docs", "docs/results.md", "--seeds", "2", "--cells", "spa", "--report-only"])
+    whole = reproduce.parser().parse_args(["--grid", grid, "--jobs", "2", "--docs", "docs/results.md"])
+    assert reproduce.page_command(filtered) == reproduce.page_command(whole)
+    assert reproduce.page_command(whole).endswith(
+        "benchmarks/reproduce.py --grid benchmarks/grids/reproduce.yaml --jobs 2 --docs docs/results.md")
+    kept = reproduce.parser().parse_args(["--grid", grid, "--set", "run.iterations=1", "--no-share", "--cells", "spa"])
+    assert reproduce.page_command(kept).endswith("--set run.iterations=1 --no-share")
+
+
 def test_variant_diagnostics_average_each_stage_over_steps_then_seeds(tmp_path):
     """The 'What the variants did' table: variant.json numbers per stage, train_log step
     numbers averaged over the stage, then mean ± sd over seeds; SPA's own runs are left out."""
