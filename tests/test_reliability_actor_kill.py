@@ -52,6 +52,13 @@ def _with_pi_0(run: Run, source: Path) -> str:
     return run.checkpoint(0)
 
 
+def _first_pair(generations: dict) -> list[dict]:
+    """The first prompt's two responses as a judge input: labelling it puts pi_0 on the judges
+    before a stage, as a previous stage would have."""
+    return [{"prompt_ids": generations["prompt_ids"][0], "response_ids_1": generations["response_ids"][0],
+             "response_ids_2": generations["response_ids"][1]}]
+
+
 def _timed(stage):
     start = time.monotonic()
     result = stage()
@@ -90,7 +97,7 @@ def _stage_with_kill(stage, pool_of, rng, clean_seconds):
     return out["result"], {"kill_after_s": round(delay, 2), "actor": pool.labels[k]}
 
 
-@pytest.mark.slow  # 125 s on 2 cores beside two grid runs (two runs of gen_1 + judge_1, four pools)
+@pytest.mark.slow  # 67 s on the idle 2-core machine, 125 s beside two grid runs (two runs of gen_1 + judge_1, four pools)
 def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray_local, tmp_path, models):
     pi_init, pi_0 = models
     with _open(tmp_path, "clean", pi_init) as run:
@@ -98,10 +105,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
         # the pools exist and hold pi_0 before each timed stage, as in the killed run below
         run.actors.generate(1, path, PROMPTS[:1], dict(n=2, max_new_tokens=2, seed=0))
         gens, gen_seconds = _timed(lambda: generate_responses(run, 1, PROMPTS))
-        rows = pq.read_table(gens).to_pydict()
-        first = [{"prompt_ids": rows["prompt_ids"][0], "response_ids_1": rows["response_ids"][0],
-                  "response_ids_2": rows["response_ids"][1]}]
-        run.actors.label(1, path, run.pi_init, first)
+        run.actors.label(1, path, run.pi_init, _first_pair(pq.read_table(gens).to_pydict()))
         pairs, judge_seconds = _timed(lambda: judge_pairs(run, 1, gens))
         clean_gens, clean_pairs = pq.read_table(gens).to_pydict(), pq.read_table(pairs).to_pydict()
 
@@ -117,9 +121,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
         assert keys == [(i, j) for i in range(len(PROMPTS)) for j in range(2)]  # right count, no duplicates, in order
         assert rows == clean_gens
 
-        first = [{"prompt_ids": rows["prompt_ids"][0], "response_ids_1": rows["response_ids"][0],
-                  "response_ids_2": rows["response_ids"][1]}]
-        run.actors.label(1, path, run.pi_init, first)
+        run.actors.label(1, path, run.pi_init, _first_pair(rows))
         pairs, judge_kill = _stage_with_kill(
             lambda: judge_pairs(run, 1, gens), lambda: run.actors.judges, rng, judge_seconds
         )
