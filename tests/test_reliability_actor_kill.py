@@ -52,6 +52,12 @@ def _with_pi_0(run: Run, source: Path) -> str:
     return run.checkpoint(0)
 
 
+def _put_pi_0_on_generators(run: Run, path: str) -> None:
+    """A two-token generation with pi_0: the generator pool exists and holds pi_0 before a
+    stage, as after a previous stage."""
+    run.actors.generate(1, path, PROMPTS[:1], dict(n=2, max_new_tokens=2, seed=0))
+
+
 def _first_pair(generations: dict) -> list[dict]:
     """The first prompt's two responses as a judge input: labelling it puts pi_0 on the judges
     before a stage, as a previous stage would have."""
@@ -103,7 +109,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
     with _open(tmp_path, "clean", pi_init) as run:
         path = _with_pi_0(run, pi_0)
         # the pools exist and hold pi_0 before each timed stage, as in the killed run below
-        run.actors.generate(1, path, PROMPTS[:1], dict(n=2, max_new_tokens=2, seed=0))
+        _put_pi_0_on_generators(run, path)
         gens, gen_seconds = _timed(lambda: generate_responses(run, 1, PROMPTS))
         run.actors.label(1, path, run.pi_init, _first_pair(pq.read_table(gens).to_pydict()))
         pairs, judge_seconds = _timed(lambda: judge_pairs(run, 1, gens))
@@ -113,7 +119,7 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
     with _open(tmp_path, "killed", pi_init) as run:
         path = _with_pi_0(run, pi_0)
         # the pools exist and hold pi_0 (version 1) before the stage, as after a previous stage
-        run.actors.generate(1, path, PROMPTS[:1], dict(n=2, max_new_tokens=2, seed=0))
+        _put_pi_0_on_generators(run, path)
         gens, gen_kill = _stage_with_kill(lambda: generate_responses(run, 1, PROMPTS), lambda: run.actors.generators, rng,
                                          gen_seconds)
         rows = pq.read_table(gens).to_pydict()
