@@ -78,8 +78,12 @@ def seq_logps(model, rows, pad_id, batch=128, grad=False):
 
 
 # ------------------------------------------------------------------------- DPO
-def dpo_train(policy, reference, tok, pairs, epochs, lr, beta, batch, seed, tag):
-    """Plain DPO (Eq. 5-6) with the shared objectives; AdamW, cosine with 10% warm-up."""
+def dpo_train(policy, reference, tok, pairs, epochs, lr, beta, batch, seed, tag, probe=None, probes=0):
+    """Plain DPO (Eq. 5-6) with the shared objectives; AdamW, cosine with 10% warm-up.
+
+    ``probe(step)``, if given, is called at ``probes`` evenly spaced steps (the last one
+    included) with the policy in eval mode: a diagnostic curve of how the policy moves
+    during the schedule, never used to pick a checkpoint."""
     rng = random.Random(seed)
     pad = tok.pad_token_id
     enc = [(encode(tok, p.prompt, p.chosen), encode(tok, p.prompt, p.rejected)) for p in pairs]
@@ -114,6 +118,10 @@ def dpo_train(policy, reference, tok, pairs, epochs, lr, beta, batch, seed, tag)
             step += 1
             losses.append(float(loss.detach()))
             accs.append(float((m.detach() > 0).float().mean()))
+            if probe is not None and probes and (step * probes) // total != ((step - 1) * probes) // total:
+                policy.eval()
+                probe(step)
+                policy.train()
             if step % max(1, total // 5) == 0 or step == total:
                 k = max(1, steps_per_epoch // 4)
                 log(f"  {tag} step {step}/{total} loss {sum(losses[-k:]) / len(losses[-k:]):.3f} "
@@ -141,28 +149,6 @@ def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=1
         for row in gen[:, T:]:
             out.append(tok.decode(row, skip_special_tokens=True))
     return out
-
-
-def sampled_pairs(task, model, tok, prompts, n, seed, temperature=0.7):
-    """Gold pairs of the model's own samples, UltraFeedback-binarized style: n samples per
-    prompt, chosen = the best by gold, rejected = a random one scored strictly lower;
-    prompts whose samples all tie are dropped."""
-    from spa_ray.tasks.base import PreferencePair
-
-    rng = random.Random(seed)
-    samples = sample(model, tok, prompts, n, temperature, seed)
-    pairs = []
-    for i, p in enumerate(prompts):
-        cand = samples[i * n:(i + 1) * n]
-        scored = [(task.score(p, c), c) for c in cand]
-        best = max(s for s, _ in scored)
-        worse = [(s, c) for s, c in scored if s < best]
-        if not worse:
-            continue
-        chosen = next(c for s, c in scored if s == best)
-        rs, rc = rng.choice(worse)
-        pairs.append(PreferencePair(p, chosen, rc, best, rs))
-    return pairs
 
 
 def shared_draw_pairs(task, prompts, seed, max_tries=20):
@@ -196,6 +182,25 @@ def shared_draw_pairs(task, prompts, seed, max_tries=20):
         sa = task.score(p, a)
         for _ in range(max_tries):
             b = one(flags_rng)
+            sb = task.score(p, b)
+            if sb != sa:
+                pairs.append(PreferencePair(p, a, b, sa, sb) if sa > sb else PreferencePair(p, b, a, sb, sa))
+                break
+    return pairs
+
+
+def independent_pairs(task, prompts, seed, max_tries=20):
+    """Two independent demonstrations per prompt (each its own draft of valid items), like
+    UltraFeedback's responses from different models; resampled until gold differs."""
+    from spa_ray.tasks.base import PreferencePair
+
+    pairs = []
+    for p in prompts:
+        rng = random.Random(f"independent/{seed}/{p}")
+        a = task.world.sample_response(p, rng)[0]
+        sa = task.score(p, a)
+        for _ in range(max_tries):
+            b = task.world.sample_response(p, rng)[0]
             sb = task.score(p, b)
             if sb != sa:
                 pairs.append(PreferencePair(p, a, b, sa, sb) if sa > sb else PreferencePair(p, b, a, sb, sa))
@@ -351,6 +356,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed-epochs", type=int, default=3)
     ap.add_argument("--full-epochs", type=int, default=1)
+    ap.add_argument("--full-batch", type=int, default=None, help="batch (pairs) of DPO on 100%% (default: --batch)")
+    ap.add_argument("--full-probes", type=int, default=0,
+                    help="win rate of the 100%% arm at this many evenly spaced steps (a diagnostic curve)")
     ap.add_argument("--judge-prompts", type=int, default=1000, help="iteration-1 prompts for the agreement check")
     ap.add_argument("--eval-prompts", type=int, default=500)
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per evaluation prompt")
@@ -359,7 +367,7 @@ def main(argv=None):
     ap.add_argument("--seed-policy-lrs", type=float, nargs="*", default=[1e-5, 3e-5],
                     help="also train DPO on 3.3%% at these lrs (policy only: win rate) so room is measured "
                          "against the 3.3%% arm at its best lr, not only at the judge's lr")
-    ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared"], default="demos",
+    ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared", "demos-independent"], default="demos",
                     help="gold pairs from demonstration-distribution responses, or from pi_init's own samples")
     ap.add_argument("--pair-samples", type=int, default=4, help="samples per prompt for --seed-source sft")
     ap.add_argument("--threads", type=int, default=1)
@@ -375,6 +383,7 @@ def main(argv=None):
     log(f"pi_init: {path} (built in {build_info['timings']['total_s']:.0f}s; reuse took {time.time() - t0:.1f}s)")
     tok = AutoTokenizer.from_pretrained(path)
     init = AutoModelForCausalLM.from_pretrained(path).eval()
+    onpolicy_task = EmbeddedTask(pair_source="sft", pair_samples=args.pair_samples, pair_model=str(path))
     out_dir = Path(args.out or f"runs/world_check/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -385,10 +394,12 @@ def main(argv=None):
         eval_prompts = splits.evaluation[: args.eval_prompts]
         res = {"seed": seed}
         def gold_pairs(prompts, s):
-            if args.seed_source == "sft":
-                return sampled_pairs(task, init, tok, prompts, args.pair_samples, 60_000 + s)
+            if args.seed_source == "sft":  # the task's on-policy pairs (spa_ray/tasks/embedded/onpolicy.py)
+                return onpolicy_task.seed_pairs(prompts, s)
             if args.seed_source == "demos-shared":
                 return shared_draw_pairs(task, prompts, s)
+            if args.seed_source == "demos-independent":
+                return independent_pairs(task, prompts, s)
             return task.seed_pairs(prompts, s)
 
         seed_pairs = gold_pairs(splits.seed, seed)
@@ -433,8 +444,17 @@ def main(argv=None):
             full_pairs = gold_pairs(train_prompts, seed)
             res["n_full_pairs"] = len(full_pairs)
             pif = AutoModelForCausalLM.from_pretrained(path)
+            curve = res["dpo_full_curve"] = []
+
+            def probe(step):
+                s = sample(pif, tok, eval_prompts, args.eval_samples, 0.7, 50_000 + seed)
+                w = win_rates(task, eval_prompts, s, ref_samples, args.eval_samples)
+                curve.append({"step": step, **{k: w[k] for k in ("win_rate", "lc_win_rate", "mean_len_diff")}})
+                log(f"  dpo 100% probe at step {step}: {curve[-1]}")
+
             res["dpo_full_train"] = dpo_train(pif, init, tok, full_pairs, args.full_epochs, args.full_lr or args.lr,
-                                              args.full_beta or args.beta, args.batch, seed, "dpo 100%")
+                                              args.full_beta or args.beta, args.full_batch or args.batch, seed,
+                                              "dpo 100%", probe, args.full_probes)
             s = sample(pif, tok, eval_prompts, args.eval_samples, 0.7, 50_000 + seed)
             res["dpo_full"] = win_rates(task, eval_prompts, s, ref_samples, args.eval_samples)
             res["dpo_full"]["heldout_gold_pair_accuracy"] = heldout_pair_accuracy(task, pif, init, tok, held,

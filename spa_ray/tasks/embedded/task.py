@@ -25,6 +25,9 @@ class EmbeddedTask(Task):
     name = "embedded"
     #: where the evaluation set starts in each data seed's permutation (the default seed size)
     LAYOUT_SEED_FRACTION = 0.033
+    PAIR_SOURCES = ("demos", "sft")
+    #: on-policy pairs sample with seed + this, apart from every other sampling seed
+    ONPOLICY_SEED_OFFSET = 60_000
 
     def __init__(
         self,
@@ -36,9 +39,25 @@ class EmbeddedTask(Task):
         n_sft: int = 24000,
         quality: dict[str, float] | None = None,
         families: Sequence[str] | None = None,
+        pair_source: str = "demos",
+        pair_samples: int = 4,
+        pair_model: str | None = None,
     ) -> None:
+        """``pair_source``: where gold pairs come from. ``"demos"``: two demonstration-
+        distribution responses (off-policy, like UltraFeedback's). ``"sft"``: ``pair_samples``
+        samples of the SFT model per prompt, best against a worse one (on-policy, like
+        SimPO's on-policy UltraFeedback; see ``onpolicy``); the model is ``pair_model`` (a
+        path or hub id) or, by default, this task's own tiny model -- the pipeline's pi_init
+        unless ``model.name_or_path`` names another."""
         if not 0 < seed_fraction < 1:
             raise ValueError(f"seed_fraction must be in (0, 1), got {seed_fraction}")
+        if pair_source not in self.PAIR_SOURCES:
+            raise ValueError(f"pair_source must be one of {', '.join(self.PAIR_SOURCES)}, got {pair_source!r}")
+        if int(pair_samples) < 2:
+            raise ValueError(f"pair_samples must be at least 2, got {pair_samples}")
+        self.pair_source = pair_source
+        self.pair_samples = int(pair_samples)
+        self.pair_model = pair_model
         self.world = World(world_seed, per_category, DemoQuality(**(quality or {})),
                            tuple(families) if families else DEFAULT_FAMILIES)
         self.world_seed = world_seed
@@ -99,6 +118,12 @@ class EmbeddedTask(Task):
         return order
 
     def seed_pairs(self, prompts: Sequence[str], seed: int = 0) -> list[PreferencePair]:
+        if self.pair_source == "sft":
+            from .onpolicy import onpolicy_pairs
+
+            model = self.pair_model or self.default_model()
+            return onpolicy_pairs(str(model), prompts, self.score, self.pair_samples,
+                                  seed + self.ONPOLICY_SEED_OFFSET)
         pairs = []
         for p in prompts:
             pair = self.sample_pair(p, _rng("pair", self.world_seed, seed, p))
@@ -162,5 +187,6 @@ class EmbeddedTask(Task):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(world_seed=self.world_seed, n_prompts=len(self.world.specs), seed_fraction=self.seed_fraction,
-                 quality=self.world.quality.as_dict(), families=list(self.world.families))
+                 quality=self.world.quality.as_dict(), families=list(self.world.families),
+                 pair_source=self.pair_source, pair_samples=self.pair_samples)
         return d
