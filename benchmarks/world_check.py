@@ -16,6 +16,7 @@ For each data seed:
 
     python benchmarks/world_check.py --seeds 0 1 2           # the full check (~30 min/seed, 1 core each)
     python benchmarks/world_check.py --seeds 0 --skip-full   # judge + seed DPO only
+    python benchmarks/world_check.py --seeds 0 --seed-source sft   # on-policy gold pairs (session 7)
 
 Writes runs/world_check/<stamp>/{results.json,results.csv} and prints a table.
 Models are loaded only through ``from_pretrained`` on the cached build folder.
@@ -151,11 +152,24 @@ def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=1
     return out
 
 
+def first_differing_pair(task, prompt, respond, max_tries=20):
+    """A response, then up to ``max_tries`` more until one differs from it in gold score;
+    the two ordered chosen/rejected, or None."""
+    from spa_ray.tasks.base import PreferencePair
+
+    a = respond()
+    sa = task.score(prompt, a)
+    for _ in range(max_tries):
+        b = respond()
+        sb = task.score(prompt, b)
+        if sb != sa:
+            return PreferencePair(prompt, a, b, sa, sb) if sa > sb else PreferencePair(prompt, b, a, sb, sa)
+    return None
+
+
 def shared_draw_pairs(task, prompts, seed, max_tries=20):
     """Demonstration-distribution pairs whose two responses share one draw of valid items
     and differ only in their independent corruptions (experiment; see docs/world.md)."""
-    from spa_ray.tasks.base import PreferencePair
-
     world = task.world
     pairs = []
     for p in prompts:
@@ -178,34 +192,18 @@ def shared_draw_pairs(task, prompts, seed, max_tries=20):
             return out
 
         flags_rng = random.Random(f"flags/{seed}/{p}")
-        a = one(flags_rng)
-        sa = task.score(p, a)
-        for _ in range(max_tries):
-            b = one(flags_rng)
-            sb = task.score(p, b)
-            if sb != sa:
-                pairs.append(PreferencePair(p, a, b, sa, sb) if sa > sb else PreferencePair(p, b, a, sb, sa))
-                break
-    return pairs
+        pairs.append(first_differing_pair(task, p, lambda: one(flags_rng), max_tries))
+    return [x for x in pairs if x is not None]
 
 
 def independent_pairs(task, prompts, seed, max_tries=20):
     """Two independent demonstrations per prompt (each its own draft of valid items), like
     UltraFeedback's responses from different models; resampled until gold differs."""
-    from spa_ray.tasks.base import PreferencePair
-
     pairs = []
     for p in prompts:
         rng = random.Random(f"independent/{seed}/{p}")
-        a = task.world.sample_response(p, rng)[0]
-        sa = task.score(p, a)
-        for _ in range(max_tries):
-            b = task.world.sample_response(p, rng)[0]
-            sb = task.score(p, b)
-            if sb != sa:
-                pairs.append(PreferencePair(p, a, b, sa, sb) if sa > sb else PreferencePair(p, b, a, sb, sa))
-                break
-    return pairs
+        pairs.append(first_differing_pair(task, p, lambda: task.world.sample_response(p, rng)[0], max_tries))
+    return [x for x in pairs if x is not None]
 
 
 # ------------------------------------------------------------------ measurements
