@@ -46,7 +46,7 @@ def sample_responses(model_path: str, prompts: Sequence[str], n: int, seed: int,
     from .build import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True).eval()
     rows = [p for p in prompts for _ in range(n)]
     out: list[str] = []
     torch.manual_seed(seed)
