@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spa_ray.objectives.dpo import dpo_loss, dpo_margin  # noqa: E402
 from spa_ray.objectives.logprobs import sequence_logprobs  # noqa: E402
 from spa_ray.tasks.embedded import EmbeddedTask  # noqa: E402
+from spa_ray.tasks.embedded.task import first_differing_pair  # noqa: E402
 from spa_ray.tasks.embedded.build import build_embedded_model, prompt_ids, response_ids  # noqa: E402
 
 
@@ -152,21 +153,6 @@ def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=1
     return out
 
 
-def first_differing_pair(task, prompt, respond, max_tries=20):
-    """A response, then up to ``max_tries`` more until one differs from it in gold score;
-    the two ordered chosen/rejected, or None."""
-    from spa_ray.tasks.base import PreferencePair
-
-    a = respond()
-    sa = task.score(prompt, a)
-    for _ in range(max_tries):
-        b = respond()
-        sb = task.score(prompt, b)
-        if sb != sa:
-            return PreferencePair(prompt, a, b, sa, sb) if sa > sb else PreferencePair(prompt, b, a, sb, sa)
-    return None
-
-
 def shared_draw_pairs(task, prompts, seed, max_tries=20):
     """Demonstration-distribution pairs whose two responses share one draw of valid items
     and differ only in their independent corruptions (experiment; see docs/world.md)."""
@@ -192,7 +178,7 @@ def shared_draw_pairs(task, prompts, seed, max_tries=20):
             return out
 
         flags_rng = random.Random(f"flags/{seed}/{p}")
-        pairs.append(first_differing_pair(task, p, lambda: one(flags_rng), max_tries))
+        pairs.append(first_differing_pair(p, lambda: one(flags_rng), task.score, max_tries))
     return [x for x in pairs if x is not None]
 
 
@@ -202,7 +188,7 @@ def independent_pairs(task, prompts, seed, max_tries=20):
     pairs = []
     for p in prompts:
         rng = random.Random(f"independent/{seed}/{p}")
-        pairs.append(first_differing_pair(task, p, lambda: task.world.sample_response(p, rng)[0], max_tries))
+        pairs.append(first_differing_pair(p, lambda: task.world.sample_response(p, rng)[0], task.score, max_tries))
     return [x for x in pairs if x is not None]
 
 

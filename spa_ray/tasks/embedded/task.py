@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..base import Demonstration, PreferencePair, PromptSplits, Task
 from .world import DEFAULT_FAMILIES, DemoQuality, World, _rng
 
-__all__ = ["EmbeddedTask"]
+__all__ = ["EmbeddedTask", "first_differing_pair"]
+
+
+def first_differing_pair(prompt: str, respond: Callable[[], str], score: Callable[[str, str], float],
+                         max_tries: int = 20) -> PreferencePair | None:
+    """One response, then up to ``max_tries`` more until one differs from it in gold score:
+    the two ordered chosen/rejected, or None if every retry tied."""
+    a = respond()
+    sa = score(prompt, a)
+    for _ in range(max_tries):
+        b = respond()
+        sb = score(prompt, b)
+        if sb != sa:
+            return PreferencePair(prompt, a, b, sa, sb) if sa > sb else PreferencePair(prompt, b, a, sb, sa)
+    return None
 
 
 class EmbeddedTask(Task):
@@ -147,16 +161,7 @@ class EmbeddedTask(Task):
             draft.setstate(state)
             return self.world.sample_response(prompt, rng, items_rng=draft)[0]
 
-        a = respond()
-        sa = self.score(prompt, a)
-        for _ in range(max_tries):
-            b = respond()
-            sb = self.score(prompt, b)
-            if sb != sa:
-                if sa > sb:
-                    return PreferencePair(prompt, a, b, sa, sb)
-                return PreferencePair(prompt, b, a, sb, sa)
-        return None
+        return first_differing_pair(prompt, respond, self.score, max_tries)
 
     def score(self, prompt: str, response: str) -> float:
         return self.world.gold_score(prompt, response)
