@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spa_ray.objectives.dpo import dpo_loss, dpo_margin  # noqa: E402
 from spa_ray.objectives.logprobs import sequence_logprobs  # noqa: E402
 from spa_ray.tasks.embedded import EmbeddedTask  # noqa: E402
+from spa_ray.tasks.embedded.onpolicy import generate_samples  # noqa: E402
 from spa_ray.tasks.embedded.task import first_differing_pair  # noqa: E402
 from spa_ray.tasks.embedded.build import build_embedded_model, prompt_ids, response_ids  # noqa: E402
 
@@ -133,24 +134,9 @@ def dpo_train(policy, reference, tok, pairs, epochs, lr, beta, batch, seed, tag,
 
 
 # -------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample(model, tok, prompts, n, temperature, seed, max_new_tokens=48, batch=128):
-    """n samples per prompt (index i*n+j), left-padded transformers generate."""
-    torch.manual_seed(seed)
-    rows = [p for p in prompts for _ in range(n)]
-    out = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        enc = [prompt_ids(tok, p) for p in chunk]
-        T = max(map(len, enc))
-        ids = torch.tensor([[tok.pad_token_id] * (T - len(x)) + x for x in enc])
-        am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in enc])
-        gen = model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        for row in gen[:, T:]:
-            out.append(tok.decode(row, skip_special_tokens=True))
-    return out
+    """n samples per prompt (index i*n+j): the on-policy pairs' sampler, so both measure alike."""
+    return generate_samples(model, tok, prompts, n, seed, temperature, max_new_tokens, batch)
 
 
 def shared_draw_pairs(task, prompts, seed, max_tries=20):

@@ -7,7 +7,7 @@ SimPO's on-policy UltraFeedback is: ``n`` samples of pi_init per prompt, labelle
 gold judge; chosen is the best one, rejected a random one scored strictly lower; a prompt
 whose samples all tie gives no pair.
 
-``best_against_worse`` is the pure labelling rule; ``sample_responses`` the only part that
+``best_against_worse`` is the pure labelling rule; ``generate_samples`` the only part that
 needs torch and a model (``from_pretrained`` on a path, like any pi_init).
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from ..base import PreferencePair
 
-__all__ = ["best_against_worse", "onpolicy_pairs", "sample_responses"]
+__all__ = ["best_against_worse", "generate_samples", "onpolicy_pairs", "sample_responses"]
 
 
 def best_against_worse(prompt: str, samples: Sequence[str], score: Callable[[str, str], float],
@@ -35,31 +35,38 @@ def best_against_worse(prompt: str, samples: Sequence[str], score: Callable[[str
     return PreferencePair(prompt, chosen, rejected, best, rejected_score)
 
 
-def sample_responses(model_path: str, prompts: Sequence[str], n: int, seed: int, temperature: float = 0.7,
-                     max_new_tokens: int = 48, batch: int = 128) -> list[list[str]]:
-    """``n`` samples per prompt from the model at ``model_path`` (pure sampling: top-k and
-    top-p off), as lists in prompt order. Deterministic for a given seed, prompt list and
-    torch thread count."""
+def generate_samples(model, tokenizer, prompts: Sequence[str], n: int, seed: int, temperature: float = 0.7,
+                     max_new_tokens: int = 48, batch: int = 128) -> list[str]:
+    """``n`` samples per prompt (row ``i * n + j``) by left-padded transformers ``generate``,
+    pure sampling (top-k and top-p off). Deterministic for a given seed, prompt list and
+    torch thread count (one seed for the whole list, so rows depend on their batch)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .build import prompt_ids
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True).eval()
     rows = [p for p in prompts for _ in range(n)]
     out: list[str] = []
     torch.manual_seed(seed)
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            enc = [prompt_ids(tok, p) for p in rows[i : i + batch]]
+            enc = [prompt_ids(tokenizer, p) for p in rows[i : i + batch]]
             width = max(map(len, enc))
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in enc])
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in enc])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc])
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                                  top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += [tok.decode(row, skip_special_tokens=True) for row in gen[:, width:]]
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += [tokenizer.decode(row, skip_special_tokens=True) for row in gen[:, width:]]
+    return out
+
+
+def sample_responses(model_path: str, prompts: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    """``generate_samples`` of the model at ``model_path``, as one list per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True).eval()
+    out = generate_samples(model, tok, prompts, n, seed)
     return [out[j * n : (j + 1) * n] for j in range(len(prompts))]
 
 
