@@ -340,6 +340,8 @@ def main(argv=None):
     ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared", "demos-independent"], default="demos",
                     help="gold pairs from demonstration-distribution responses, or from pi_init's own samples")
     ap.add_argument("--pair-samples", type=int, default=4, help="samples per prompt for --seed-source sft")
+    ap.add_argument("--pair-rejected", choices=["random", "worst"], default="random",
+                    help="which worse sample is rejected for --seed-source sft")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -353,7 +355,8 @@ def main(argv=None):
     log(f"pi_init: {path} (built in {build_info['timings']['total_s']:.0f}s; reuse took {time.time() - t0:.1f}s)")
     tok = AutoTokenizer.from_pretrained(path)
     init = AutoModelForCausalLM.from_pretrained(path).eval()
-    onpolicy_task = EmbeddedTask(pair_source="sft", pair_samples=args.pair_samples, pair_model=str(path))
+    onpolicy_task = EmbeddedTask(pair_source="sft", pair_samples=args.pair_samples, pair_model=str(path),
+                                 pair_rejected=args.pair_rejected)
     out_dir = Path(args.out or f"runs/world_check/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -25,11 +25,25 @@ def test_best_against_worse_takes_the_first_best_and_a_strictly_worse_one():
     assert draws == {"a b", "a"}  # the rejected one is drawn, not always the worst
 
 
+def test_worst_rule_rejects_a_lowest_scored_sample_drawn_among_equals():
+    samples = ["a b", "a b c", "x", "a b c d", "y"]
+    draws = set()
+    for seed in range(20):
+        pair = best_against_worse("p", samples, _length_score, random.Random(seed), rejected="worst")
+        assert pair.chosen == "a b c d" and pair.rejected_score == 1.0
+        draws.add(pair.rejected)
+    assert draws == {"x", "y"}  # ties at the bottom are drawn, not the first always
+    # with two samples the rules agree
+    assert best_against_worse("p", ["a", "a b"], _length_score, random.Random(0), rejected="worst") == \
+        best_against_worse("p", ["a", "a b"], _length_score, random.Random(0))
+
+
 def test_best_against_worse_gives_no_pair_when_all_samples_tie():
     assert best_against_worse("p", ["a b", "c d", "e f"], _length_score, random.Random(0)) is None
 
 
-@pytest.mark.parametrize("kwargs, field", [({"pair_source": "gpt4"}, "pair_source"), ({"pair_samples": 1}, "pair_samples")])
+@pytest.mark.parametrize("kwargs, field", [({"pair_source": "gpt4"}, "pair_source"), ({"pair_samples": 1}, "pair_samples"),
+                                           ({"pair_rejected": "median"}, "pair_rejected")])
 def test_bad_pair_settings_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         EmbeddedTask(**kwargs)

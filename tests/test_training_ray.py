@@ -5,7 +5,10 @@ DeepSpeed's first init compiles a small op (~60 s, cached in TORCH_EXTENSIONS_DI
 """
 
 import json
+import os
 import random
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,13 +60,21 @@ def test_batch_plan_covers_each_epoch_once_across_ranks():
         BatchPlan(num_pairs=70, global_batch_size=8, micro_batch_size=3, world_size=2, epochs=1, seed=0)
 
 
+@pytest.mark.timeout(1800)  # a hang on a build lock fails instead of blocking CI
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_gloo_workers_train_and_save_a_loadable_model(ray_local, tmp_path, zero_stage):
     policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     write_pairs(tmp_path / "pairs.parquet", _pairs(40))
     buckets = {"zero_optimization": {"reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000}}
     spec = _spec(tmp_path, policy, f"train_z{zero_stage}", zero_stage=zero_stage, deepspeed=buckets)
+    # a build killed midway left its lock: without clear_stale_extension_locks DeepSpeed's
+    # shm op load would wait on it forever (pytest-timeout would fail the test)
+    stale = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     out = run_train_stage(spec, ActorGroup(count=2, num_cpus=1), tmp_path / "train_state")
+    assert not stale.exists()
     ran = json.loads((out / "deepspeed_config.json").read_text())  # training.deepspeed reached the engine's config
     assert ran["zero_optimization"] == {"stage": zero_stage, **buckets["zero_optimization"]}
     assert ran["gradient_accumulation_steps"] == 2  # 8 pairs = 2 ranks x micro 2 x 2

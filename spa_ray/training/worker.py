@@ -27,6 +27,7 @@ from spa_ray.objectives.confidence_window import ConfidenceWindow
 from spa_ray.objectives.distributed import all_gather_1d
 from spa_ray.training.batch_plan import BatchPlan, group_by_length
 from spa_ray.training.deepspeed_config import reference_deepspeed_config, stage_deepspeed_config
+from spa_ray.training.extension_locks import StaleLockWatchdog
 from spa_ray.training.pairs_table import read_pairs
 from spa_ray.training.preference_step import preference_step
 
@@ -98,6 +99,8 @@ def _stop_on_nonfinite(marker: Path, stage: str, step: int, rank: int, what: str
 
 def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
+    # DeepSpeed may build an op below; a lock left by a killed build must not block it forever
+    lock_watchdog = StaleLockWatchdog().start()
     import deepspeed
     import ray.train
     from transformers import get_cosine_schedule_with_warmup
@@ -179,6 +182,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         reference, *_ = deepspeed.initialize(
             model=reference, config=reference_deepspeed_config(ds_config), dist_init_required=False
         )
+    lock_watchdog.stop()
     reference.eval()
 
     window = ConfidenceWindow(

@@ -4,8 +4,9 @@ Demonstration-distribution pairs teach DPO only the defects the demonstrations s
 SFT model also miscounts and names wrong items in its own way, and those errors are what
 DPO on many pairs must remove (docs/world.md, "Session 7"). On-policy pairs are built as
 SimPO's on-policy UltraFeedback is: ``n`` samples of pi_init per prompt, labelled by the
-gold judge; chosen is the best one, rejected a random one scored strictly lower; a prompt
-whose samples all tie gives no pair.
+gold judge; chosen is the best one, rejected a random one scored strictly lower (or, with
+``rejected="worst"``, the lowest-scored one, as SimPO's recipe takes); a prompt whose samples
+all tie gives no pair.
 
 ``best_against_worse`` is the pure labelling rule; ``generate_samples`` the only part that
 needs torch and a model (``from_pretrained`` on a path, like any pi_init).
@@ -18,21 +19,30 @@ from collections.abc import Callable, Sequence
 
 from ..base import PreferencePair
 
-__all__ = ["best_against_worse", "generate_samples", "onpolicy_pairs", "sample_responses"]
+REJECTED_RULES = ("random", "worst")
+
+__all__ = ["REJECTED_RULES", "best_against_worse", "generate_samples", "onpolicy_pairs", "sample_responses"]
 
 
 def best_against_worse(prompt: str, samples: Sequence[str], score: Callable[[str, str], float],
-                       rng: random.Random) -> PreferencePair | None:
+                       rng: random.Random, rejected: str = "random") -> PreferencePair | None:
     """UltraFeedback-binarized labelling: the best sample (the first among equals) against
-    one drawn at random from those scored strictly lower; None when every sample ties."""
+    one drawn at random from those scored strictly lower (``rejected="random"``) or from
+    the lowest-scored ones (``"worst"``, which shows the rarer defects more often); None
+    when every sample ties."""
+    if rejected not in REJECTED_RULES:
+        raise ValueError(f"rejected must be one of {', '.join(REJECTED_RULES)}, got {rejected!r}")
     scored = [(score(prompt, s), s) for s in samples]
     best = max(s for s, _ in scored)
     worse = [(s, r) for s, r in scored if s < best]
     if not worse:
         return None
+    if rejected == "worst":
+        lowest = min(s for s, _ in worse)
+        worse = [(s, r) for s, r in worse if s == lowest]
     chosen = next(r for s, r in scored if s == best)
-    rejected_score, rejected = rng.choice(worse)
-    return PreferencePair(prompt, chosen, rejected, best, rejected_score)
+    rejected_score, rejected_text = rng.choice(worse)
+    return PreferencePair(prompt, chosen, rejected_text, best, rejected_score)
 
 
 def generate_samples(model, tokenizer, prompts: Sequence[str], n: int, seed: int, temperature: float = 0.7,
@@ -71,10 +81,10 @@ def sample_responses(model_path: str, prompts: Sequence[str], n: int, seed: int)
 
 
 def onpolicy_pairs(model_path: str, prompts: Sequence[str], score: Callable[[str, str], float], n: int,
-                   seed: int) -> list[PreferencePair]:
+                   seed: int, rejected: str = "random") -> list[PreferencePair]:
     """One gold pair per prompt from ``n`` of the model's samples (prompts whose samples all
     tie are dropped, so there may be fewer pairs than prompts)."""
     samples = sample_responses(model_path, prompts, n, seed)
     rng = random.Random(seed)
-    pairs = [best_against_worse(p, s, score, rng) for p, s in zip(prompts, samples)]
+    pairs = [best_against_worse(p, s, score, rng, rejected) for p, s in zip(prompts, samples)]
     return [p for p in pairs if p is not None]

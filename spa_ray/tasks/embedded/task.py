@@ -56,19 +56,26 @@ class EmbeddedTask(Task):
         pair_source: str = "demos",
         pair_samples: int = 4,
         pair_model: str | None = None,
+        pair_rejected: str = "random",
     ) -> None:
         """``pair_source``: where gold pairs come from. ``"demos"``: two demonstration-
         distribution responses (off-policy, like UltraFeedback's). ``"sft"``: ``pair_samples``
         samples of the SFT model per prompt, best against a worse one (on-policy, like
         SimPO's on-policy UltraFeedback; see ``onpolicy``); the model is ``pair_model`` (a
         path or hub id) or, by default, this task's own tiny model -- the pipeline's pi_init
-        unless ``model.name_or_path`` names another."""
+        unless ``model.name_or_path`` names another. ``pair_rejected``: which worse sample
+        is rejected, ``"random"`` or ``"worst"`` (``onpolicy.best_against_worse``)."""
         if not 0 < seed_fraction < 1:
             raise ValueError(f"seed_fraction must be in (0, 1), got {seed_fraction}")
         if pair_source not in self.PAIR_SOURCES:
             raise ValueError(f"pair_source must be one of {', '.join(self.PAIR_SOURCES)}, got {pair_source!r}")
         if int(pair_samples) < 2:
             raise ValueError(f"pair_samples must be at least 2, got {pair_samples}")
+        from .onpolicy import REJECTED_RULES
+
+        if pair_rejected not in REJECTED_RULES:
+            raise ValueError(f"pair_rejected must be one of {', '.join(REJECTED_RULES)}, got {pair_rejected!r}")
+        self.pair_rejected = pair_rejected
         self.pair_source = pair_source
         self.pair_samples = int(pair_samples)
         self.pair_model = pair_model
@@ -137,7 +144,7 @@ class EmbeddedTask(Task):
 
             model = self.pair_model or self.default_model()
             return onpolicy_pairs(str(model), prompts, self.score, self.pair_samples,
-                                  seed + self.ONPOLICY_SEED_OFFSET)
+                                  seed + self.ONPOLICY_SEED_OFFSET, self.pair_rejected)
         pairs = []
         for p in prompts:
             pair = self.sample_pair(p, _rng("pair", self.world_seed, seed, p))
@@ -193,5 +200,6 @@ class EmbeddedTask(Task):
         d = super().describe()
         d.update(world_seed=self.world_seed, n_prompts=len(self.world.specs), seed_fraction=self.seed_fraction,
                  quality=self.world.quality.as_dict(), families=list(self.world.families),
-                 pair_source=self.pair_source, pair_samples=self.pair_samples)
+                 pair_source=self.pair_source, pair_samples=self.pair_samples,
+                 pair_rejected=self.pair_rejected)
         return d
