@@ -334,9 +334,11 @@ def main(argv=None):
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per evaluation prompt")
     ap.add_argument("--full-fraction", type=float, default=1.0, help="share of the non-eval prompts for 'DPO 100%%'")
     ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--seed-policy-lrs", type=float, nargs="*", default=[1e-5, 3e-5],
+    ap.add_argument("--seed-policy-lrs", type=float, nargs="*", default=[1e-5, 3e-5, 1e-4],
                     help="also train DPO on 3.3%% at these lrs (policy only: win rate) so room is measured "
-                         "against the 3.3%% arm at its best lr, not only at the judge's lr")
+                         "against the 3.3%% arm at its best lr, not only at the judge's lr (the grid reaches "
+                         "1e-4 because the 3.3%% arm's best was there on 3 of 6 seed x pair-source cells; "
+                         "3e-4 collapsed on all 6: docs/world.md, session 8)")
     ap.add_argument("--seed-source", choices=["demos", "sft", "demos-shared", "demos-independent"], default="demos",
                     help="gold pairs from demonstration-distribution responses, or from pi_init's own samples")
     ap.add_argument("--pair-samples", type=int, default=4, help="samples per prompt for --seed-source sft")
