@@ -44,7 +44,8 @@ from spa_ray.objectives.logprobs import sequence_logprobs  # noqa: E402
 from spa_ray.tasks.embedded import EmbeddedTask  # noqa: E402
 from spa_ray.tasks.embedded.onpolicy import generate_samples  # noqa: E402
 from spa_ray.tasks.embedded.task import first_differing_pair  # noqa: E402
-from spa_ray.tasks.embedded.build import build_embedded_model, prompt_ids, response_ids  # noqa: E402
+from spa_ray.tasks.embedded.build import TINY_BUILD, build_embedded_model  # noqa: E402
+from spa_ray.tasks.embedded.build import prompt_ids, response_ids  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -346,13 +347,15 @@ def main(argv=None):
                     help="which worse sample is rejected for --seed-source sft")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--toy", action="store_true",
+                    help="the tiny build (TINY_BUILD) instead of pi_init: a smoke run of this script, not a measurement")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     task = EmbeddedTask()
     t0 = time.time()
-    path = build_embedded_model(args.cache_dir, task=task)
+    path = build_embedded_model(args.cache_dir, spec=TINY_BUILD if args.toy else None, task=task)
     build_info = json.loads((Path(path).parent / "build.json").read_text())
     log(f"pi_init: {path} (built in {build_info['timings']['total_s']:.0f}s; reuse took {time.time() - t0:.1f}s)")
     tok = AutoTokenizer.from_pretrained(path)

@@ -94,3 +94,32 @@ def test_group_by_length_keeps_each_steps_pairs_and_sizes():
             flat = [lengths[i] for mb in after for i in mb]
             assert flat == sorted(flat, reverse=True)
             assert group_by_length(before, lengths) == after  # a pure function of the plan
+
+
+def test_world_check_toy_measures_every_line(tiny_model, tmp_path):
+    """#4's acceptance tool end to end on the tiny build: judge agreement, both DPO arms
+    (on-policy pairs), the 100% arm's probes, room against the 3.3% arm's best lr."""
+    import json
+
+    out = tmp_path / "wc"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, str(BENCH / "world_check.py"), "--toy", "--cache-dir", str(Path(tiny_model).parents[1]),
+         "--seeds", "0", "--judge-prompts", "16", "--eval-prompts", "16", "--seed-policy-lrs", "1e-4",
+         "--seed-epochs", "1", "--full-fraction", "0.004", "--full-probes", "2", "--seed-source", "sft",
+         "--pair-samples", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "| seed | judge_agreement |" in res.stdout
+    assert "reuse took" in res.stderr + res.stdout  # the tiny build from the fixture, not a new one
+    r = json.loads((out / "results.json").read_text())["results"][0]
+    assert 0 < r["n_seed_pairs"] <= 1280 and 0 < r["n_full_pairs"] < 200
+    assert 0 <= r["judge"]["agreement"] <= 1 and r["judge"]["pairs"] == 16
+    arms = [r["dpo_seed"]["win_rate"], r["dpo_seed_at_lr"]["0.0001"]["win_rate"]]
+    assert all(0 <= w <= 1 for w in arms) and 0 <= r["dpo_full"]["win_rate"] <= 1
+    assert r["room"] == r["dpo_full"]["win_rate"] - max(arms)
+    assert [c["step"] for c in r["dpo_full_curve"]][-1] == r["dpo_full_train"]["steps"]
+    assert len(r["dpo_full_curve"]) == 2
+    with open(out / "results.csv", newline="") as handle:
+        assert [row["seed"] for row in csv.DictReader(handle)] == ["0"]
