@@ -70,3 +70,29 @@ def test_onpolicy_seed_pairs_are_gold_ordered_samples_of_the_model(tiny_model):
     demos = EmbeddedTask().seed_pairs(prompts, seed=0)
     assert {(p.chosen, p.rejected) for p in pairs}.isdisjoint({(p.chosen, p.rejected) for p in demos})
     assert task.describe()["pair_source"] == "sft"
+
+
+def test_the_pipeline_samples_onpolicy_pairs_from_its_own_pi_init(ray_local, tmp_path, tiny_model):
+    """``data.task_kwargs={pair_source: sft}`` with ``model.name_or_path`` set: the prepare
+    stage's gold pairs are that model's samples (not the default embedded build's), split
+    into seed pairs and the judge's hold-out as usual."""
+    import pyarrow.parquet as pq
+
+    from spa_ray.pipeline.config import load_config
+    from spa_ray.pipeline.stages import Run, prepare_data
+
+    config = load_config(None, [f"run.root={tmp_path}", "run.name=onpolicy", f"model.name_or_path={tiny_model}",
+                                "data.task_kwargs={pair_source: sft, pair_samples: 2}",
+                                "data.judge_holdout_fraction=0.05"])
+    with Run.open(config) as run:
+        assert run.task.pair_model == tiny_model
+        prepared = prepare_data(run)
+    direct = EmbeddedTask(pair_source="sft", pair_samples=2, pair_model=tiny_model)
+    expected = direct.seed_pairs(direct.prompt_splits(config.run.seed).seed, seed=config.run.seed)
+    tables = [pq.read_table(path).to_pydict() for path in (prepared.judge_holdout, prepared.seed_pairs)]
+    assert sum(len(t["gold_chosen"]) for t in tables) == len(expected)
+    assert [g for t in tables for g in t["gold_rejected"]] == [p.rejected_score for p in expected]
+    # an explicit pair_model wins over the run's pi_init
+    pinned = EmbeddedTask(pair_source="sft", pair_model="elsewhere")
+    pinned.use_policy(tiny_model)
+    assert pinned.pair_model == "elsewhere"

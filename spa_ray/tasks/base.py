@@ -135,6 +135,10 @@ class Task(abc.ABC):
         """A model (hub id or local path) to use when the config names none; None: the config must name one."""
         return None
 
+    def use_policy(self, model: str) -> None:
+        """The run's pi_init, told by the pipeline before any data is made; a task whose gold
+        pairs are the model's own samples (on-policy) samples from it. Default: ignored."""
+
     def data_report(self) -> dict[str, int]:
         """Counts of what loading the task's data skipped or changed (duplicate prompts
         dropped, rows skipped), recorded by the prepare stage; {} when nothing was."""

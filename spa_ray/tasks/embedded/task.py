@@ -62,9 +62,9 @@ class EmbeddedTask(Task):
         distribution responses (off-policy, like UltraFeedback's). ``"sft"``: ``pair_samples``
         samples of the SFT model per prompt, best against a worse one (on-policy, like
         SimPO's on-policy UltraFeedback; see ``onpolicy``); the model is ``pair_model`` (a
-        path or hub id) or, by default, this task's own tiny model -- the pipeline's pi_init
-        unless ``model.name_or_path`` names another. ``pair_rejected``: which worse sample
-        is rejected, ``"random"`` or ``"worst"`` (``onpolicy.best_against_worse``)."""
+        path or hub id), else the run's pi_init (the pipeline passes it through
+        ``use_policy``), else this task's own tiny model. ``pair_rejected``: which worse
+        sample is rejected, ``"random"`` or ``"worst"`` (``onpolicy.best_against_worse``)."""
         if not 0 < seed_fraction < 1:
             raise ValueError(f"seed_fraction must be in (0, 1), got {seed_fraction}")
         if pair_source not in self.PAIR_SOURCES:
@@ -189,6 +189,12 @@ class EmbeddedTask(Task):
 
     def pretraining_corpus(self, n: int | None = None, seed: int = 0) -> Iterator[str]:
         return self.world.corpus_documents(120_000 if n is None else int(n), seed)
+
+    def use_policy(self, model: str | Path) -> None:
+        """The run's pi_init (called by the pipeline): on-policy pairs are its samples unless
+        ``pair_model`` named a model explicitly."""
+        if self.pair_model is None:
+            self.pair_model = str(model)
 
     def default_model(self, cache_dir: str | Path | None = None, **kwargs: Any) -> str:
         """Folder of the task's tiny SFT model (pi_init), built and cached on first use."""
