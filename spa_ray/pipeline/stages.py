@@ -62,9 +62,7 @@ class Run:
             adopt_seed_stages(self.dir, config.run.start_from, config_to_dict(config))
         self.task = load_task(config.data.task, **config.data.task_kwargs)
         self.pi_init = self._resolve_pi_init()
-        use_policy = getattr(self.task, "use_policy", None)
-        if use_policy is not None:  # tasks whose gold pairs are the model's own samples sample from this pi_init
-            use_policy(self.pi_init)
+        self.task.use_policy(self.pi_init)  # a task with on-policy gold pairs samples from this pi_init
         from spa_ray.models.loading import check_model_folder
 
         check_model_folder(self.pi_init)  # safetensors weights, before any stage starts
