@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import Demonstration, PreferencePair, PromptSplits, Task
+from .onpolicy import REJECTED_RULES, onpolicy_pairs
 from .world import DEFAULT_FAMILIES, DemoQuality, World, _rng
 
 __all__ = ["EmbeddedTask", "first_differing_pair"]
@@ -71,8 +72,6 @@ class EmbeddedTask(Task):
             raise ValueError(f"pair_source must be one of {', '.join(self.PAIR_SOURCES)}, got {pair_source!r}")
         if int(pair_samples) < 2:
             raise ValueError(f"pair_samples must be at least 2, got {pair_samples}")
-        from .onpolicy import REJECTED_RULES
-
         if pair_rejected not in REJECTED_RULES:
             raise ValueError(f"pair_rejected must be one of {', '.join(REJECTED_RULES)}, got {pair_rejected!r}")
         self.pair_rejected = pair_rejected
@@ -140,8 +139,6 @@ class EmbeddedTask(Task):
 
     def seed_pairs(self, prompts: Sequence[str], seed: int = 0) -> list[PreferencePair]:
         if self.pair_source == "sft":
-            from .onpolicy import onpolicy_pairs
-
             model = self.pair_model or self.default_model()
             return onpolicy_pairs(str(model), prompts, self.score, self.pair_samples,
                                   seed + self.ONPOLICY_SEED_OFFSET, self.pair_rejected)
