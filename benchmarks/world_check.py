@@ -300,6 +300,25 @@ def error_rates(task, prompts, samples):
     return {q: sum(v) / len(v) for q, v in sorted(lost.items())}
 
 
+def habit_coverage(task, pairs):
+    """How many gold pairs contrast each habitual decoy (one response names it, the other
+    not): if the 3.3% seed already shows every habit a handful of times, the 100% arm has no
+    habit to learn that the seed lacks (docs/world.md, "Session 9")."""
+    kb = task.world.kb
+    counts = {d: 0 for cat in kb.decoys for d in kb.decoys[cat]}
+    for pair in pairs:
+        spec = task.world.spec(pair.prompt)
+        if not spec.is_list:
+            continue
+        a, b = set(pair.chosen.split()), set(pair.rejected.split())
+        for d in kb.decoys[spec.category]:
+            if (d in a) != (d in b):
+                counts[d] += 1
+    n = list(counts.values())
+    return {"decoys": len(n), "mean": sum(n) / len(n), "min": min(n), "max": max(n),
+            "uncovered": sum(c == 0 for c in n)}
+
+
 def lc_win_rate(outcomes, dlen, iters=50):
     """Logistic regression outcome ~ a + b * length_diff (soft targets, ties = 0.5); returns sigma(a)."""
     y = torch.tensor(outcomes, dtype=torch.float64)
@@ -382,6 +401,7 @@ def main(argv=None):
 
         seed_pairs = gold_pairs(splits.seed, seed)
         res["n_seed_pairs"] = len(seed_pairs)
+        res["habit_coverage_seed"] = habit_coverage(task, seed_pairs)
         log(f"seed {seed}: {len(seed_pairs)} seed pairs")
         # pi_init's own samples: reference for win rates, and the length-confound check
         ref_samples = sample(init, tok, eval_prompts, args.eval_samples, 0.7, 10_000 + seed)
@@ -421,6 +441,7 @@ def main(argv=None):
                 train_prompts = train_prompts[: int(args.full_fraction * len(train_prompts))]
             full_pairs = gold_pairs(train_prompts, seed)
             res["n_full_pairs"] = len(full_pairs)
+            res["habit_coverage_full"] = habit_coverage(task, full_pairs)
             pif = AutoModelForCausalLM.from_pretrained(path)
             curve = res["dpo_full_curve"] = []
 

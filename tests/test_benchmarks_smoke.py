@@ -115,6 +115,8 @@ def test_world_check_toy_measures_every_line(tiny_model, tmp_path):
     assert "reuse took" in res.stderr + res.stdout  # the tiny build from the fixture, not a new one
     r = json.loads((out / "results.json").read_text())["results"][0]
     assert 0 < r["n_seed_pairs"] <= 1280 and 0 < r["n_full_pairs"] < 200
+    cov = r["habit_coverage_seed"]  # 8 categories x 3 decoys in the default world
+    assert cov["decoys"] == 24 and 0 <= cov["min"] <= cov["mean"] <= cov["max"] and 0 <= cov["uncovered"] <= 24
     assert 0 <= r["judge"]["agreement"] <= 1 and r["judge"]["pairs"] == 16
     arms = [r["dpo_seed"]["win_rate"], r["dpo_seed_at_lr"]["0.0001"]["win_rate"]]
     assert all(0 <= w <= 1 for w in arms) and 0 <= r["dpo_full"]["win_rate"] <= 1
@@ -123,3 +125,28 @@ def test_world_check_toy_measures_every_line(tiny_model, tmp_path):
     assert len(r["dpo_full_curve"]) == 2
     with open(out / "results.csv", newline="") as handle:
         assert [row["seed"] for row in csv.DictReader(handle)] == ["0"]
+
+
+def test_habit_coverage_counts_contrasts_per_decoy():
+    """world_check's coverage diagnostic: a pair counts for a decoy only when exactly one of
+    its responses names it; the default world's demonstration seed covers every decoy."""
+    import importlib.util
+
+    from spa_ray.tasks.base import PreferencePair
+    from spa_ray.tasks.embedded import EmbeddedTask
+
+    spec = importlib.util.spec_from_file_location("world_check", BENCH / "world_check.py")
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+    task = EmbeddedTask()
+    decoy = task.world.kb.decoys["fruits"][0]
+    good = "here are 2 fruits : 1 " + " 2 ".join(task.world.kb.members["fruits"][:2]) + " ."
+    bad = good.replace(task.world.kb.members["fruits"][1], decoy)
+    fruits = task.world.kb.members["fruits"]
+    prompt = f"list 2 fruits except {fruits[5]} and {fruits[6]}"
+    pairs = [PreferencePair(prompt, good, bad, 6.0, 5.0), PreferencePair(prompt, bad, bad, 5.0, 5.0)]
+    cov = wc.habit_coverage(task, pairs)
+    assert (cov["decoys"], cov["max"], cov["uncovered"]) == (24, 1, 23)
+    seed = task.seed_pairs(task.prompt_splits(0).seed, 0)
+    cov = wc.habit_coverage(task, seed)
+    assert cov["uncovered"] == 0 and cov["min"] >= 4, cov
