@@ -139,10 +139,9 @@ def test_habit_coverage_counts_contrasts_per_decoy():
     wc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wc)
     task = EmbeddedTask()
-    decoy = task.world.kb.decoys["fruits"][0]
-    good = "here are 2 fruits : 1 " + " 2 ".join(task.world.kb.members["fruits"][:2]) + " ."
-    bad = good.replace(task.world.kb.members["fruits"][1], decoy)
     fruits = task.world.kb.members["fruits"]
+    good = f"here are 2 fruits : 1 {fruits[0]} 2 {fruits[1]} ."
+    bad = good.replace(fruits[1], task.world.kb.decoys["fruits"][0])
     prompt = f"list 2 fruits except {fruits[5]} and {fruits[6]}"
     pairs = [PreferencePair(prompt, good, bad, 6.0, 5.0), PreferencePair(prompt, bad, bad, 5.0, 5.0)]
     cov = wc.habit_coverage(task, pairs)
