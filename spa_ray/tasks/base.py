@@ -24,6 +24,7 @@ import importlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # One pair type for the whole project: a task's gold pair is the data layer's record
@@ -135,7 +136,7 @@ class Task(abc.ABC):
         """A model (hub id or local path) to use when the config names none; None: the config must name one."""
         return None
 
-    def use_policy(self, model: str) -> None:
+    def use_policy(self, model: str | Path) -> None:
         """The run's pi_init, told by the pipeline before any data is made; a task whose gold
         pairs are the model's own samples (on-policy) samples from it. Default: ignored."""
 
