@@ -13,6 +13,8 @@ from spa_ray.generation.base import GeneratedSequence, GeneratorBackend, Samplin
 from spa_ray.generation.vllm_backend import (
     WORKER_EXTENSION_CLS,
     iter_state_dict_chunks,
+    record_to_tensor,
+    tensor_to_record,
     request_seed,
     vllm_engine_kwargs,
     vllm_sampling_kwargs,
@@ -32,7 +34,7 @@ def test_sampling_config_defaults_match_spa():
     [
         {"n": 0},
         {"n": 1.5},
-        {"temperature": 0.0},
+        {"temperature": -0.1},
         {"temperature": float("inf")},
         {"top_p": 0.0},
         {"top_p": 1.1},
@@ -93,7 +95,25 @@ def test_vllm_engine_kwargs():
             vllm_engine_kwargs("m", **bad)
     # the extension class path resolves to a class with the RPC method
     module, _, name = WORKER_EXTENSION_CLS.rpartition(".")
-    assert hasattr(getattr(importlib.import_module(module), name), "spa_load_weights")
+    ext = getattr(importlib.import_module(module), name)
+    assert all(hasattr(ext, m) for m in ("spa_update_begin", "spa_update_chunk", "spa_update_finish",
+                                         "spa_reload_from_path", "spa_weights_info"))
+
+
+def test_weight_records_round_trip_bytes_only():
+    """What crosses vLLM's RPC: plain (str, str, list, bytes), rebuilt bit-exactly."""
+    sd = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, 2), "d": torch.arange(6).reshape(2, 3)}
+    for name, t in sd.items():
+        record = tensor_to_record(name, t.t() if t.dim() == 2 and t.numel() else t)  # non-contiguous too
+        assert [type(x) for x in record] == [str, str, list, bytes]
+        back_name, back = record_to_tensor(record)
+        want = t.t() if t.dim() == 2 and t.numel() else t
+        assert back_name == name and back.dtype == want.dtype and torch.equal(back, want)
+    name, dtype, shape, data = tensor_to_record("a", sd["a"])
+    with pytest.raises(ValueError, match="'a': 47 bytes"):
+        record_to_tensor((name, dtype, shape, data[:-1]))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        record_to_tensor((name, "float99", shape, data))
 
 
 def test_iter_state_dict_chunks():

@@ -132,6 +132,14 @@ def test_sample_from_logits_matches_distribution():
     torch.testing.assert_close(lp.exp(), kept[torch.where(tokens == 0, 0, 1)], atol=1e-5, rtol=0)
 
 
+def test_greedy_is_argmax_first_of_ties_with_untempered_logprobs():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 0.2, 0.49]])
+    tokens, lp, raw = sample_from_logits(logits, torch.tensor([0.99, 0.01]), temperature=0.0)
+    assert tokens.tolist() == [1, 0]  # a tie goes to the lower id, whatever the uniform
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
+    torch.testing.assert_close(raw, lp)
+
+
 def test_load_weights_changes_outputs_and_checksum(tok):
     g = TransformersGenerator.from_model(make_tiny_llama(tok, seed=0), tok, max_batch_size=4)
     sampling = SamplingConfig(n=2, max_new_tokens=8, seed=0)

@@ -16,21 +16,23 @@ tensor bytes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from spa_ray.models.loading import state_dict_checksum
+from spa_ray.models.loading import (  # noqa: F401 (re-exported: the actors' weight vocabulary)
+    ChecksumAccumulator,
+    checkpoint_tensor_names,
+    load_checkpoint_state_dict,
+    state_dict_checksum,
+)
 
 __all__ = [
     "WeightsError",
@@ -120,71 +122,6 @@ def resolve_state_dict(state) -> Mapping[str, torch.Tensor]:
 
 def state_dict_nbytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in state_dict.values()))
-
-
-# ------------------------------------------------------------------------ checkpoints
-def _safetensors_files(path: str | os.PathLike) -> list[Path]:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in checkpoint folder {str(path)!r}")
-    return files
-
-
-def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a save_pretrained (safetensors, possibly sharded) folder, on CPU."""
-    from safetensors.torch import load_file
-
-    sd: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(path):
-        sd.update(load_file(str(f), device="cpu"))
-    return sd
-
-
-def checkpoint_tensor_names(path: str | os.PathLike) -> list[str]:
-    """Tensor names stored in a checkpoint folder (reads headers only)."""
-    from safetensors import safe_open
-
-    names: list[str] = []
-    for f in _safetensors_files(path):
-        with safe_open(str(f), framework="pt") as fh:
-            names.extend(fh.keys())
-    return sorted(names)
-
-
-class ChecksumAccumulator:
-    """``state_dict_checksum`` fed one tensor at a time, in sorted name order.
-
-    For receivers that see tensors one by one (the NCCL path) and must not keep them all.
-    ``update`` in sorted order, then ``hexdigest`` equals state_dict_checksum of the dict.
-    """
-
-    def __init__(self):
-        self._h = hashlib.sha256()
-        self._last: str | None = None
-
-    def update(self, name: str, t: torch.Tensor) -> None:
-        if self._last is not None and name <= self._last:
-            raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._last!r}")
-        self._last = name
-        t = t.detach().to("cpu").contiguous()
-        self._h.update(name.encode())
-        self._h.update(b"\0")
-        self._h.update(str(t.dtype).encode())
-        self._h.update(repr(tuple(t.shape)).encode())
-        self._h.update(b"\0")
-        if t.numel():
-            self._h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
 
 
 def current_node_id() -> str | None:

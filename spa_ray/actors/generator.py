@@ -15,18 +15,21 @@ import torch
 
 from spa_ray.actors.base import (
     WeightedActor,
+    WeightsError,
     WeightsMismatchError,
     checkpoint_tensor_names,
     copy_and_verify,
     model_checksum,
 )
 from spa_ray.generation.base import SamplingConfig, encode_prompt, prompt_occurrences
-from spa_ray.models.loading import state_dict_checksum
 
 __all__ = ["GeneratorActor", "generate_rows", "NCCL_WORKER_EXTENSION_CLS"]
 
 # vLLM worker extension with the NCCL receive path (a subclass of the backend's own)
 NCCL_WORKER_EXTENSION_CLS = "spa_ray.actors.weight_sync.SPANcclWorkerExtension"
+# KV cache of a vLLM engine on CPU unless engine_kwargs say otherwise (vLLM's own default
+# takes most of the machine's free memory)
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class GeneratorActor(WeightedActor):
@@ -72,6 +75,9 @@ class GeneratorActor(WeightedActor):
 
             engine_kwargs = dict(backend_kwargs.pop("engine_kwargs", None) or {})
             engine_kwargs.setdefault("worker_extension_cls", NCCL_WORKER_EXTENSION_CLS)
+            if device == "cpu":  # vLLM's CPU backend: no CUDA graphs; a KV cache bounded like a GPU's
+                engine_kwargs.setdefault("enforce_eager", True)
+                engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
             self.tensor_parallel_size = int(backend_kwargs.get("tensor_parallel_size", 1))
             self.engine = VLLMGenerator(model_path, dtype=dtype, engine_kwargs=engine_kwargs, **backend_kwargs)
             self._names = None
@@ -131,21 +137,32 @@ class GeneratorActor(WeightedActor):
             self.engine._version = version  # keep the backend's own record in step
             self._names = sorted(state_dict)
             return got
-        # vLLM maps HF names onto its fused layout: the engine's tensors cannot be hashed
-        # against the checkpoint; verify what was received, then hand it to the engine.
-        sent = state_dict_checksum(state_dict)
-        if sent != checksum:
-            raise WeightsMismatchError(f"{self.actor_label}: received weights checksum {sent[:12]}, expected {checksum[:12]}")
-        self.engine.load_weights(state_dict, version)
-        return sent
+        # vLLM maps HF names onto its fused layout: its workers checksum the tensors they
+        # rebuilt and loaded; that must be the sender's checksum.
+        got = self.engine.load_weights(state_dict, version)
+        if got != checksum:
+            raise WeightsMismatchError(f"{self.actor_label}: vLLM workers loaded checksum {got[:12]}, expected {checksum[:12]}")
+        return got
+
+    def reload_from_checkpoint(self, path, version: int) -> dict:
+        """The fallback and re-sync path. vLLM: its workers read the folder themselves."""
+        if self.backend != "vllm":
+            return super().reload_from_checkpoint(path, version)
+        import time
+
+        t0 = time.perf_counter()
+        self._version, self._checksum = None, None
+        try:
+            got = self.engine.reload_from_path(path, version)
+        except Exception as exc:
+            raise WeightsError(f"{self.actor_label}: reloading {os.fspath(path)} as version {version} failed: {exc}") from exc
+        self._version, self._checksum, self._path = version, got, os.fspath(path)
+        return {**self.weights_info(), "seconds": time.perf_counter() - t0, "bytes": 0}
 
     def _live_checksum(self) -> str:
         if self.backend == "transformers":
             return model_checksum(self.engine.model, self._names)
-        # vLLM: the checksum of the checkpoint the engine was built from
-        from spa_ray.actors.base import load_checkpoint_state_dict
-
-        return state_dict_checksum(load_checkpoint_state_dict(self._path))
+        return self.engine.weights_checksum()
 
     # -- NCCL path (vLLM only; unrun on the CPU machine) --------------------------------
     def nccl_world_size(self) -> int:

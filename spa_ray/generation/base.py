@@ -41,7 +41,11 @@ FINISH_LENGTH = "length"  # hit max_new_tokens
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings (SPA.md defaults: 2 samples, temperature 0.7, <= 300 new tokens)."""
+    """Sampling settings (SPA.md defaults: 2 samples, temperature 0.7, <= 300 new tokens).
+
+    temperature 0 is greedy decoding (the most likely token, the lowest id among ties) in
+    every backend; its per-token ``logprobs`` are then the untempered log pi.
+    """
 
     n: int = 2
     temperature: float = 0.7
@@ -53,8 +57,8 @@ class SamplingConfig:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"temperature must be a finite number > 0 (sampling only), got {t!r}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         p = self.top_p
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0.0 < p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")

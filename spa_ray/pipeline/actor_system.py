@@ -18,14 +18,29 @@ from spa_ray.actors.weight_sync import broadcast_weights
 from spa_ray.pipeline.config import ConfigError, SPAConfig
 
 
+#: what ``_broadcast_nccl`` (spa_ray/actors/weight_sync.py) asks Ray for its NcclWeightSender
+NCCL_SENDER_DEMAND = {"CPU": 0.0, "GPU": 1.0}
+
+
+def _per_actor(group) -> dict[str, float]:
+    return {"CPU": group.num_cpus, "GPU": group.num_gpus, **group.resources}
+
+
 def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
     """ConfigError naming the ``placement.*`` key when the cluster cannot hold the actors.
 
     Generator and judge pools stay alive while the trainer group runs, so all three
     groups must fit at once: per resource, the sum of ``count x per-actor demand`` must
     not exceed the cluster's total, and each actor's demand must fit on one node.
+    With ``weight_sync.method=nccl`` each broadcast also starts a sender actor holding
+    one whole GPU beside the generators and judges (the trainer group has finished by
+    then, so the sender is counted with the pools, not with the trainer).
+    With ``generation.backend=vllm`` each generator owns whole GPUs, one per tensor-parallel
+    rank: ``placement.generators.num_gpus`` must equal ``generation.tensor_parallel_size``
+    (or be 0: vLLM's CPU backend).
     Checked against the nodes alive now (``ray.nodes()``); set SPA_RAY_PLACEMENT_CHECK=0
-    on an autoscaling cluster whose nodes are not up yet.
+    on an autoscaling cluster whose nodes are not up yet (the checks that need no
+    cluster still run).
     """
     import os
 
@@ -35,6 +50,13 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
         raise ConfigError(
             f"training.global_batch_size ({tr.global_batch_size}) must be a multiple of training.micro_batch_size "
             f"({tr.micro_batch_size}) x placement.trainer.count ({config.placement.trainer.count})"
+        )
+    gen, gens = config.generation, config.placement.generators
+    if gen.backend == "vllm" and gens.num_gpus and gens.num_gpus != gen.tensor_parallel_size:
+        raise ConfigError(
+            f"placement.generators.num_gpus ({gens.num_gpus:g}) must equal generation.tensor_parallel_size "
+            f"({gen.tensor_parallel_size}) with generation.backend=vllm: a vLLM engine owns whole GPUs, one per "
+            "tensor-parallel rank (num_gpus 0 runs vLLM's CPU backend)"
         )
     if os.environ.get("SPA_RAY_PLACEMENT_CHECK", "1") == "0":
         return
@@ -46,32 +68,46 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
     for node in nodes:
         for key, value in node.items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    demand: dict[str, float] = {}
     p = config.placement
-    for name, group in (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer)):
-        per_actor = {"CPU": group.num_cpus, "GPU": group.num_gpus, **group.resources}
-        keys = {"CPU": "num_cpus", "GPU": "num_gpus"}
-        for resource, amount in per_actor.items():
-            if not amount:
-                continue
+    groups = (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer))
+    keys = {"CPU": "num_cpus", "GPU": "num_gpus"}
+    for name, group in groups:
+        for resource, amount in _per_actor(group).items():
             largest = max((float(n.get(resource, 0.0)) for n in nodes), default=0.0)
-            if amount > largest:
+            if amount and amount > largest:
                 key = f"placement.{name}.{keys.get(resource, 'resources.' + resource)}"
                 raise ConfigError(
                     f"{key}: each of the {group.count} {name} actors asks for {amount:g} {resource}, but the "
                     f"largest node of the cluster has {largest:g} (cluster total {totals.get(resource, 0.0):g})"
                 )
-            demand[resource] = demand.get(resource, 0.0) + group.count * float(amount)
-    for resource, amount in demand.items():
-        if amount > totals.get(resource, 0.0) + 1e-9:
-            parts = ", ".join(
-                f"{name} {g.count} x {({'CPU': g.num_cpus, 'GPU': g.num_gpus}.get(resource) or g.resources.get(resource, 0)):g}"
-                for name, g in (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer))
-            )
+    nccl = config.weight_sync.method == "nccl"
+    if nccl:
+        largest = max((float(n.get("GPU", 0.0)) for n in nodes), default=0.0)
+        if NCCL_SENDER_DEMAND["GPU"] > largest:
             raise ConfigError(
-                f"placement: generators, judges and trainer are alive together and ask for {amount:g} {resource} "
-                f"({parts}), but the cluster has {totals.get(resource, 0.0):g}"
+                f"weight_sync.method=nccl: its sender actor asks for {NCCL_SENDER_DEMAND['GPU']:g} GPU, but the "
+                f"largest node of the cluster has {largest:g}; set weight_sync.method=object_store"
             )
+
+    def refuse_excess(phase: list[tuple[str, int, dict[str, float]]], what: str) -> None:
+        demand: dict[str, float] = {}
+        for _, count, per_actor in phase:
+            for resource, amount in per_actor.items():
+                if amount:
+                    demand[resource] = demand.get(resource, 0.0) + count * float(amount)
+        for resource, amount in demand.items():
+            if amount > totals.get(resource, 0.0) + 1e-9:
+                parts = ", ".join(f"{name} {count} x {float(d.get(resource, 0.0)):g}" for name, count, d in phase)
+                raise ConfigError(f"{what} ask for {amount:g} {resource} ({parts}), but the cluster has "
+                                  f"{totals.get(resource, 0.0):g}")
+
+    pools = [(name, g.count, _per_actor(g)) for name, g in groups[:2]]
+    refuse_excess(pools + [("trainer", p.trainer.count, _per_actor(p.trainer))],
+                  "placement: generators, judges and trainer are alive together and")
+    if nccl:
+        refuse_excess(pools + [("weight_sync sender", 1, NCCL_SENDER_DEMAND)],
+                      "weight_sync.method=nccl: during each broadcast the generators, judges and the NCCL sender "
+                      "are alive together and")
 
 
 class ActorSystem:
@@ -94,7 +130,11 @@ class ActorSystem:
             device=self._device(group.num_gpus), dtype=self.config.model.dtype,
         )
         if g.backend == "vllm":
-            kwargs.update(tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization)
+            # vLLM returns one kind of log-prob per engine: the untempered log pi when the judge
+            # reuses them (Eq. 7 needs log pi), else the sampling distribution's
+            mode = "raw_logprobs" if self.config.judge.reuse_generator_logprobs else "processed_logprobs"
+            kwargs.update(tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
+                          logprobs_mode=mode, rpc_timeout_s=self.config.weight_sync.timeout_s)
         else:
             kwargs.update(max_batch_size=g.batch_size, trust_remote_code=self.config.model.trust_remote_code)
         return ShardedActors(GeneratorActor, group, kwargs, name="generators")

@@ -367,9 +367,14 @@ def judge_pairs(run: Run, t: int, generations: Path) -> Path:
          "prompt": gen["prompt"][a], "response_1": gen["text"][a], "response_2": gen["text"][b]}
         for a, b in order
     ]
-    if run.config.judge.reuse_generator_logprobs and "policy_logp" in gen:
+    if run.config.judge.reuse_generator_logprobs:
         # Off by default: the engine's numerics (KV cache, padded batches, vLLM kernels)
         # make these differ from a teacher-forced log pi, which is what Eq. 7 asks for.
+        if "policy_logp" not in gen:
+            raise RuntimeError(
+                f"judge.reuse_generator_logprobs=true, but {generations} has no untempered log-probs "
+                "(policy_logp): its generator did not return them"
+            )
         for row, (a, b) in zip(rows, order):
             row["policy_logp_1"], row["policy_logp_2"] = gen["policy_logp"][a], gen["policy_logp"][b]
     started = time.time()

@@ -1,0 +1,67 @@
+"""The job end to end with vLLM generators: `python jobs/spa_run.py generation.backend=vllm`.
+
+The embedded default (its task, its tiny model, two SPA iterations, local Ray, DeepSpeed
+over gloo), with the generators on vLLM's CPU backend, run as a user runs it: the job
+script in a subprocess. Then the same run with judge.reuse_generator_logprobs=true, which
+copies the first run's stages up to pi_0 (run.start_from) and labels with vLLM's own
+log pi. Both tables are printed with their label agreement; SPA_RAY_REPORT (a path), when
+set, receives them as JSON for docs/performance.md.
+
+Slow (several minutes each); part of CI's vLLM step.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed in this environment (build .venv-vllm, README)")
+
+from spa_ray.pipeline.config import load_config  # noqa: E402
+from spa_ray.pipeline.stages import Run, results_table  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job(*overrides: str, timeout: int = 1500) -> str:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "jobs/spa_run.py", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def _table(root: Path, name: str, *overrides: str) -> list[dict]:
+    config = load_config(None, [f"run.root={root}", f"run.name={name}", *overrides])
+    return results_table(Run.open(config))
+
+
+def test_embedded_default_with_vllm_generators(tmp_path):
+    base = ["generation.backend=vllm", f"run.root={tmp_path}"]
+    out = _job(*base, "run.name=vllm")
+    assert "| stage | gold win rate |" in out and "SPA iteration 2 (pi_2)" in out
+    paper = _table(tmp_path, "vllm", *base[:1])
+    # the generations came from vLLM: its engine's log-probs are in them, per token
+    gens = Run.open(load_config(None, [*base, "run.name=vllm"])).dir.path / "data" / "iter_1" / "generations"
+    assert (gens / "generations.parquet").exists()
+
+    reuse = ["judge.reuse_generator_logprobs=true", f"run.start_from={tmp_path / 'vllm'}"]
+    out = _job(*base, "run.name=vllm-reuse", *reuse)
+    assert "SPA iteration 2 (pi_2)" in out
+    reused = _table(tmp_path, "vllm-reuse", *base[:1], *reuse)
+
+    report = {}
+    for label, rows in (("judge forward (default)", paper), ("reuse_generator_logprobs=true", reused)):
+        report[label] = [{k: r.get(k) for k in ("stage", "win_rate", "lc_win_rate", "label_agreement")} for r in rows]
+        print(f"\n{label}:")
+        for r in report[label]:
+            print(f"  {r['stage']}: win {r['win_rate']:.3f}, label agreement {r.get('label_agreement')}")
+    if os.environ.get("SPA_RAY_REPORT"):
+        Path(os.environ["SPA_RAY_REPORT"]).write_text(json.dumps(report, indent=1))
+    for rows in (paper, reused):
+        agreements = [r["label_agreement"] for r in rows if r.get("label_agreement") is not None]
+        assert len(agreements) == 2 and all(0.5 < a <= 1.0 for a in agreements), agreements
