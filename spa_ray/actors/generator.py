@@ -78,7 +78,6 @@ class GeneratorActor(WeightedActor):
             if device == "cpu":  # vLLM's CPU backend: no CUDA graphs; a KV cache bounded like a GPU's
                 engine_kwargs.setdefault("enforce_eager", True)
                 engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-            self.tensor_parallel_size = int(backend_kwargs.get("tensor_parallel_size", 1))
             self.engine = VLLMGenerator(model_path, dtype=dtype, engine_kwargs=engine_kwargs, **backend_kwargs)
             self._names = None
         else:
@@ -166,15 +165,18 @@ class GeneratorActor(WeightedActor):
 
     # -- NCCL path (vLLM only; unrun on the CPU machine) --------------------------------
     def nccl_world_size(self) -> int:
-        """Ranks this actor contributes to an NCCL weight-update group (its vLLM workers)."""
+        """Ranks this actor contributes to an NCCL weight-update group: its engine's real
+        world size (tensor x pipeline parallel workers), read from the running engine."""
         if self.backend != "vllm":
             raise ValueError(f"{self.actor_label}: the NCCL weight path needs the vLLM backend, not {self.backend!r}")
-        return self.tensor_parallel_size
+        return int(self.engine.llm.llm_engine.vllm_config.parallel_config.world_size)
 
-    def nccl_init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+    def nccl_init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                        timeout_s: float = 300.0) -> None:
         self.nccl_world_size()
         self.engine.llm.collective_rpc(
-            "spa_nccl_init", args=(master_address, int(master_port), int(rank_offset), int(world_size))
+            "spa_nccl_init", timeout=self.engine.rpc_timeout_s,
+            args=(master_address, int(master_port), int(rank_offset), int(world_size), float(timeout_s)),
         )
 
     def nccl_receive(self, metadata: list, version: int, checksum: str, path=None) -> dict:
@@ -184,7 +186,7 @@ class GeneratorActor(WeightedActor):
         self.nccl_world_size()
         t0 = time.perf_counter()
         self._version, self._checksum = None, None
-        digests = self.engine.llm.collective_rpc("spa_nccl_receive", args=(metadata,))
+        digests = self.engine.llm.collective_rpc("spa_nccl_receive", timeout=self.engine.rpc_timeout_s, args=(metadata,))
         bad = [d for d in digests if d != checksum]
         if bad:
             raise WeightsMismatchError(

@@ -242,13 +242,22 @@ def broadcast_weights(
 # written on; imports of vllm happen inside the functions only.
 
 
-def _nccl_communicator(master_address: str, master_port: int, rank: int, world_size: int, device):
-    """A PyNcclCommunicator over a StatelessProcessGroup (vLLM's RLHF example recipe)."""
+def _nccl_communicator(master_address: str, master_port: int, rank: int, world_size: int, device, timeout_s: float = 300.0):
+    """A PyNcclCommunicator over a StatelessProcessGroup (vLLM's RLHF example recipe).
+
+    The rendezvous store gives up after `timeout_s` (a missing rank raises, not hangs)."""
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
-    pg = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=int(rank), world_size=int(world_size))
+    pg = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=int(rank),
+                                      world_size=int(world_size), store_timeout=max(1, int(timeout_s)))
     return PyNcclCommunicator(pg, device=device)
+
+
+def _destroy(comm) -> None:
+    """Free a communicator (one per update: a group left alive leaks NCCL resources)."""
+    if comm is not None and hasattr(comm, "destroy"):
+        comm.destroy()
 
 
 class SPANcclWorkerExtension(SPAWorkerExtension):
@@ -257,25 +266,31 @@ class SPANcclWorkerExtension(SPAWorkerExtension):
     GeneratorActor(backend="vllm") passes this as ``worker_extension_cls``. UNRUN here.
     """
 
-    def spa_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+    def spa_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                      timeout_s: float = 300.0) -> None:
         from vllm.distributed.parallel_state import get_world_group
 
+        _destroy(getattr(self, "_spa_nccl", None))  # a group a failed update left behind
         rank = get_world_group().rank + int(rank_offset)
-        self._spa_nccl = _nccl_communicator(master_address, master_port, rank, world_size, self.device)
+        self._spa_nccl = _nccl_communicator(master_address, master_port, rank, world_size, self.device, timeout_s)
 
     def spa_nccl_receive(self, metadata: list, checksum: bool = True) -> str | None:
         """Receive (name, dtype, shape) tensors in order from rank 0; load each one."""
         model = self.model_runner.model
         load = getattr(model, "load_weights", None) or model.runnable.load_weights
         acc = ChecksumAccumulator() if checksum else None
-        for name, dtype_name, shape in metadata:
-            buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype_name), device=self.device)
-            self._spa_nccl.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-            if acc is not None:
-                acc.update(name, buf)
-            load(weights=[(name, buf)])
-            del buf
-        torch.cuda.synchronize()
+        try:
+            for name, dtype_name, shape in metadata:
+                buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype_name), device=self.device)
+                self._spa_nccl.broadcast(buf, src=0, stream=torch.cuda.current_stream())
+                if acc is not None:
+                    acc.update(name, buf)
+                load(weights=[(name, buf)])
+                del buf
+            torch.cuda.synchronize()
+        finally:
+            _destroy(self._spa_nccl)
+            self._spa_nccl = None
         return acc.hexdigest() if acc is not None else None
 
 
@@ -302,13 +317,17 @@ class NcclWeightSender:
         nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
         return meta, self.checksum, int(nbytes)
 
-    def init_group(self, master_address: str, master_port: int, world_size: int) -> None:
-        self.comm = _nccl_communicator(master_address, master_port, 0, world_size, self.device)
+    def init_group(self, master_address: str, master_port: int, world_size: int, timeout_s: float = 300.0) -> None:
+        self.comm = _nccl_communicator(master_address, master_port, 0, world_size, self.device, timeout_s)
 
     def send_all(self) -> int:
-        for k in self.names:
-            self.comm.broadcast(self.tensors[k], src=0, stream=torch.cuda.current_stream())
-        torch.cuda.synchronize()
+        try:
+            for k in self.names:
+                self.comm.broadcast(self.tensors[k], src=0, stream=torch.cuda.current_stream())
+            torch.cuda.synchronize()
+        finally:
+            _destroy(self.comm)
+            self.comm = None
         return len(self.names)
 
 
@@ -332,15 +351,20 @@ def _broadcast_nccl(pools, keys, checkpoint_dir, version, timeout_s, sender_reso
             offsets.append(off)
             off += s
         # group formation is a rendezvous: all ranks at once
-        init = [sender.init_group.remote(host, port, world_size)] + [
-            pools[pi].actors[k].nccl_init_group.remote(host, port, o, world_size) for (pi, k), o in zip(keys, offsets)
+        # Collective calls are never retried by Ray: a retry on a restarted actor would join a
+        # rendezvous whose store is gone and wait there. The fallback handles a failed actor.
+        once = {"max_task_retries": 0}
+        init = [sender.init_group.remote(host, port, world_size, timeout_s)] + [
+            pools[pi].actors[k].nccl_init_group.options(**once).remote(host, port, o, world_size, timeout_s)
+            for (pi, k), o in zip(keys, offsets)
         ]
         ready, _ = ray.wait(init, num_returns=len(init), timeout=timeout_s)
         if len(ready) < len(init):
             raise TimeoutError(f"NCCL group formation timed out after {timeout_s} s")
         ray.get(init)
         recv = {
-            pools[pi].actors[k].nccl_receive.remote(meta, version, checksum, checkpoint_dir): (pi, k) for pi, k in keys
+            pools[pi].actors[k].nccl_receive.options(**once).remote(meta, version, checksum, checkpoint_dir): (pi, k)
+            for pi, k in keys
         }
         send = sender.send_all.remote()
         done, failed = _wait(recv, timeout_s)

@@ -37,7 +37,8 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
     then, so the sender is counted with the pools, not with the trainer).
     With ``generation.backend=vllm`` each generator owns whole GPUs, one per tensor-parallel
     rank: ``placement.generators.num_gpus`` must equal ``generation.tensor_parallel_size``
-    (or be 0: vLLM's CPU backend).
+    (or be 0: vLLM's CPU backend; or a fraction of one GPU at tensor_parallel_size 1,
+    shared with colocated actors by ``generation.gpu_memory_utilization``).
     Checked against the nodes alive now (``ray.nodes()``); set SPA_RAY_PLACEMENT_CHECK=0
     on an autoscaling cluster whose nodes are not up yet (the checks that need no
     cluster still run).
@@ -52,11 +53,13 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
             f"({tr.micro_batch_size}) x placement.trainer.count ({config.placement.trainer.count})"
         )
     gen, gens = config.generation, config.placement.generators
-    if gen.backend == "vllm" and gens.num_gpus and gens.num_gpus != gen.tensor_parallel_size:
+    shares_one_gpu = gen.tensor_parallel_size == 1 and 0 < gens.num_gpus < 1
+    if gen.backend == "vllm" and gens.num_gpus and gens.num_gpus != gen.tensor_parallel_size and not shares_one_gpu:
         raise ConfigError(
             f"placement.generators.num_gpus ({gens.num_gpus:g}) must equal generation.tensor_parallel_size "
             f"({gen.tensor_parallel_size}) with generation.backend=vllm: a vLLM engine owns whole GPUs, one per "
-            "tensor-parallel rank (num_gpus 0 runs vLLM's CPU backend)"
+            "tensor-parallel rank (num_gpus 0 runs vLLM's CPU backend; a fraction below 1 shares one GPU at "
+            "tensor_parallel_size 1, its memory split by generation.gpu_memory_utilization)"
         )
     if os.environ.get("SPA_RAY_PLACEMENT_CHECK", "1") == "0":
         return
@@ -134,7 +137,8 @@ class ActorSystem:
             # reuses them (Eq. 7 needs log pi), else the sampling distribution's
             mode = "raw_logprobs" if self.config.judge.reuse_generator_logprobs else "processed_logprobs"
             kwargs.update(tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
-                          logprobs_mode=mode, rpc_timeout_s=self.config.weight_sync.timeout_s)
+                          logprobs_mode=mode, rpc_timeout_s=self.config.weight_sync.timeout_s,
+                          engine_kwargs=dict(g.engine_kwargs))
         else:
             kwargs.update(max_batch_size=g.batch_size, trust_remote_code=self.config.model.trust_remote_code)
         return ShardedActors(GeneratorActor, group, kwargs, name="generators")

@@ -96,6 +96,11 @@ class GenerationConfig:
     batch_size: int = field(64, help="Prompts per generate call (transformers backend).")
     tensor_parallel_size: int = field(1, help="vLLM tensor parallel degree per generator actor.")
     gpu_memory_utilization: float = field(0.85, help="vLLM's share of its GPU(s); lower it when colocating.")
+    engine_kwargs: dict = field(
+        default_factory=dict,
+        help="More vllm.LLM arguments, e.g. {max_num_seqs: 128, kv_cache_memory_bytes: 2147483648}; on CPU the "
+        "defaults are {enforce_eager: true, kv_cache_memory_bytes: 1 GiB}.",
+    )
 
     def __post_init__(self) -> None:
         if self.responses_per_prompt < 2:
@@ -302,7 +307,7 @@ RESOURCE_SETTINGS = frozenset({
     "placement.generators", "placement.judges", "placement.trainer.num_cpus", "placement.trainer.num_gpus",
     "placement.trainer.resources", "placement.ray_address",
     "weight_sync",
-    "generation.gpu_memory_utilization", "generation.tensor_parallel_size",
+    "generation.gpu_memory_utilization", "generation.tensor_parallel_size", "generation.engine_kwargs",
     "judge.max_tokens_per_batch",
     "training.noise_chunk_size", "training.checkpoint_every", "training.deepspeed",
 })
