@@ -271,6 +271,14 @@ def add_model_arg(parser) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SFT model)")
 
 
+def add_generation_args(parser) -> None:
+    """The generation benchmarks' workload: embedded prompts, 2 samples each."""
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="transformers backend: prompts per generate call (generation.batch_size)")
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+
+
 def ray_init(attempts: int = 6, **kwargs) -> None:
     """ray.init of a NEW local cluster (never one another process started here), retried:
     on an overloaded machine the raylet can miss Ray's fixed 30 s start window ("The

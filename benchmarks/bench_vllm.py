@@ -33,9 +33,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     bc.common_args(ap, default_reps=5)
     bc.add_model_arg(ap)
-    ap.add_argument("--prompts", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=64, help="transformers backend: prompts per generate call")
-    ap.add_argument("--max-new-tokens", type=int, default=300)
+    bc.add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.toy:
         args.prompts, args.reps = min(args.prompts, 8), min(args.reps, 1)

@@ -12,6 +12,7 @@ import torch
 from spa_ray.generation.base import GeneratedSequence, GeneratorBackend, SamplingConfig, prompt_occurrences, row_seed
 from spa_ray.generation.vllm_backend import (
     WORKER_EXTENSION_CLS,
+    checkpoint_dtype,
     iter_state_dict_chunks,
     record_to_tensor,
     tensor_to_record,
@@ -122,3 +123,16 @@ def test_iter_state_dict_chunks():
     assert [len(c) for c in chunks] == [2, 2, 1]
     assert [n for c in chunks for n, _ in c] == list(sd)
     assert [len(c) for c in iter_state_dict_chunks({"big": torch.zeros(100)}, max_bytes=10)] == [1]
+
+
+def test_vllm_auto_dtype_is_the_checkpoints(tmp_path):
+    """vLLM's CPU backend would downcast float32 to bfloat16 on "auto"; the generator passes
+    the checkpoint's own dtype, as the trainer and judges load it."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert checkpoint_dtype(tmp_path) == "float32" == vllm_engine_kwargs(tmp_path)["dtype"]
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert checkpoint_dtype(tmp_path) == "bfloat16"
+    assert checkpoint_dtype(tmp_path, "float16") == "float16"
+    assert checkpoint_dtype(tmp_path / "missing") == "auto"  # a hub id: vLLM decides

@@ -85,7 +85,9 @@ def _teacher_forced(path, prompt_ids, response_ids):
 
 
 def _child_pids(pid):
-    return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    """The engine's processes under an actor (not multiprocessing's resource tracker, which
+    belongs to the actor process for its whole life)."""
+    return {c.pid for c in psutil.Process(pid).children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())}
 
 
 def test_samples_with_logprobs_seeded_and_eos(models, ray_vllm):
@@ -240,10 +242,14 @@ def test_killed_actor_is_replaced_resynced_and_its_shard_retried(models, ray_vll
 
 def test_weight_rpc_deadline_fails_fast_then_the_engine_recovers(models, ray_vllm):
     """A worker that does not answer within rpc_timeout_s: the update raises (naming the
-    timeout) instead of hanging, the actor's version becomes unknown and it serves nothing;
-    with a sane deadline the checkpoint reload brings it back."""
+    timeout) instead of hanging, the actor's version becomes unknown and it serves nothing.
+    Late replies may still be queued in the engine's RPC channel, so the checkpoint fallback
+    does not reuse it: it builds a new engine from the checkpoint, and the old engine's
+    processes end."""
     v0, v1 = models
     actor = _vllm_actor(v0)
+    pid = ray.get(actor.weights_info.remote())["pid"]
+    old_engine = _child_pids(pid)
     ray.get(actor.__ray_call__.remote(lambda self: setattr(self.engine, "rpc_timeout_s", 1e-4)))
     sd1 = load_checkpoint_state_dict(v1)
     t0 = time.monotonic()
@@ -256,6 +262,10 @@ def test_weight_rpc_deadline_fails_fast_then_the_engine_recovers(models, ray_vll
     assert (info["version"], info["checksum"]) == (1, state_dict_checksum(sd1))
     rows = ray.get(actor.generate.remote(PROMPTS, sampling=GREEDY), timeout=300)
     assert [r["response_ids"] for r in rows] == _hf_greedy(v1, PROMPTS, 12)
+    assert ray.get(actor.weights_info.remote())["pid"] == pid  # the same actor, a new engine
+    alive = [" ".join(psutil.Process(c).cmdline())[:120] for c in old_engine
+             if psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE]
+    assert old_engine and not alive, alive
     ray.kill(actor)
 
 

@@ -8,6 +8,7 @@ change which samples a prompt gets; ``first_index`` only renumbers ``prompt_inde
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -22,6 +23,9 @@ from spa_ray.actors.base import (
     model_checksum,
 )
 from spa_ray.generation.base import SamplingConfig, encode_prompt, prompt_occurrences
+from spa_ray.generation.vllm_backend import EngineWeightsError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GeneratorActor", "generate_rows", "NCCL_WORKER_EXTENSION_CLS"]
 
@@ -152,7 +156,16 @@ class GeneratorActor(WeightedActor):
         t0 = time.perf_counter()
         self._version, self._checksum = None, None
         try:
-            got = self.engine.reload_from_path(path, version)
+            if self.engine.broken is None:
+                try:
+                    got = self.engine.reload_from_path(path, version)
+                except EngineWeightsError as exc:
+                    logger.warning("%s: %s; rebuilding the vLLM engine from %s", self.actor_label, exc, os.fspath(path))
+                    got = self.engine.rebuild(path, version)
+            else:  # a failed or timed-out RPC left replies queued: only a new engine is safe
+                logger.warning("%s: vLLM engine broken (%s); rebuilding it from %s", self.actor_label, self.engine.broken,
+                               os.fspath(path))
+                got = self.engine.rebuild(path, version)
         except Exception as exc:
             raise WeightsError(f"{self.actor_label}: reloading {os.fspath(path)} as version {version} failed: {exc}") from exc
         self._version, self._checksum, self._path = version, got, os.fspath(path)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,7 @@ from .base import (
 __all__ = [
     "VLLMGenerator",
     "EngineWeightsError",
+    "checkpoint_dtype",
     "tensor_to_record",
     "record_to_tensor",
     "SPAWorkerExtension",
@@ -107,6 +109,26 @@ def vllm_sampling_kwargs(sampling: SamplingConfig, seed: int | None = None, logp
     return kw
 
 
+def checkpoint_dtype(model_path: str | os.PathLike, dtype: str = "auto") -> str:
+    """`dtype`, with "auto" resolved to the dtype the checkpoint's config.json names.
+
+    vLLM's own "auto" may differ from the checkpoint (its CPU backend downcasts float32 to
+    bfloat16), while the trainer and the judges load "auto" as the checkpoint's dtype: the
+    generator must compute in the same dtype as they do. Left "auto" when the folder says
+    nothing (a hub id, an old config).
+    """
+    if dtype != "auto":
+        return dtype
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return "auto"
+    fields = json.loads(config.read_text())
+    named = fields.get("dtype") or fields.get("torch_dtype")
+    return named if named in ("float32", "bfloat16", "float16") else "auto"
+
+
 def vllm_engine_kwargs(
     model_path: str | os.PathLike,
     dtype: str = "auto",
@@ -132,7 +154,7 @@ def vllm_engine_kwargs(
     kw = dict(
         model=os.fspath(model_path),
         tokenizer=os.fspath(model_path),
-        dtype=dtype,
+        dtype=checkpoint_dtype(model_path, dtype),
         seed=int(seed),
         tensor_parallel_size=int(tensor_parallel_size),
         gpu_memory_utilization=float(gpu_memory_utilization),
@@ -251,10 +273,17 @@ class SPAWorkerExtension:
 
         return self._spa_reload(load_checkpoint_state_dict(path), version)
 
+    def spa_mark_built(self, version: int) -> dict:
+        """A new engine built from a checkpoint that is weights `version`: report it so."""
+        state = self._spa_state()
+        state["version"], state["checksum"] = int(version), None
+        info = self.spa_weights_info()
+        return {**info, "tensors": None}
+
     def spa_weights_info(self) -> dict:
         """(version, checksum) held; as built, the checksum of the folder it was built from."""
         state = self._spa_state()
-        if state["checksum"] is None and state["version"] == 0:
+        if state["checksum"] is None and state["version"] is not None:
             from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
 
             try:
@@ -307,21 +336,17 @@ class VLLMGenerator(GeneratorBackend):
         self.eos_token_ids = [int(i) for i in ids if i is not None]
         if not self.eos_token_ids:
             raise ValueError("no EOS token id: pass eos_token_ids")
-        self.llm = LLM(
-            **vllm_engine_kwargs(
-                model_path,
-                dtype=dtype,
-                seed=seed,
-                tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                trust_remote_code=trust_remote_code,
-                logprobs_mode=logprobs_mode,
-                enforce_eager=enforce_eager,
-                extra=engine_kwargs,
-            )
+        self._engine_kwargs = dict(
+            dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code, logprobs_mode=logprobs_mode, enforce_eager=enforce_eager,
+            extra=engine_kwargs,
         )
+        self.llm = LLM(**vllm_engine_kwargs(model_path, **self._engine_kwargs))
         self._version = 0
+        # why the engine can no longer be trusted (a weight RPC failed or timed out: its
+        # late replies may still be queued and would answer the next call), else None
+        self.broken: str | None = None
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[GeneratedSequence]:
         prompt_ids = [encode_prompt(self.tokenizer, p, self.use_chat_template) for p in prompts]
@@ -386,11 +411,24 @@ class VLLMGenerator(GeneratorBackend):
 
     # -- weights ---------------------------------------------------------------------------
     def _rpc(self, method: str, *args) -> list:
-        """collective_rpc with the deadline; a timeout or worker error is an EngineWeightsError."""
+        """collective_rpc with the deadline; a timeout or worker error is an EngineWeightsError
+        and marks the engine broken (only ``rebuild`` makes it usable again)."""
+        if self.broken is not None:
+            raise EngineWeightsError(f"vLLM engine is broken ({self.broken}): rebuild it before {method}")
         try:
             return self.llm.collective_rpc(method, timeout=self.rpc_timeout_s, args=args)
         except Exception as exc:
+            self.broken = f"{method}: {type(exc).__name__}: {exc}"
             raise EngineWeightsError(f"vLLM workers failed {method}: {type(exc).__name__}: {exc}") from exc
+
+    def rebuild(self, model_path: str | os.PathLike, version: int) -> str:
+        """Replace the engine by a new one built from `model_path` as `version`: the recovery
+        from a broken engine. Its processes end first. Returns the workers' checksum."""
+        LLM, _, _ = _import_vllm()
+        self.close()
+        self.llm = LLM(**vllm_engine_kwargs(model_path, **self._engine_kwargs))
+        self.broken = None
+        return self._agreed(self._rpc("spa_mark_built", int(version)), version)
 
     def _agreed(self, replies: list, version: int) -> str:
         """The one checksum every worker reports for `version` (else EngineWeightsError)."""
@@ -431,8 +469,14 @@ class VLLMGenerator(GeneratorBackend):
 
     def close(self) -> None:
         """Stop the engine and its worker processes."""
+        import gc
+
         llm, self.llm = getattr(self, "llm", None), None
         engine = getattr(llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None:
             core.shutdown()
+        del llm, engine, core
+        gc.collect()  # an in-process engine's memory goes with its last reference
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
