@@ -71,8 +71,10 @@ def test_packed_state_dict_round_trip_and_streamed_checksum():
 def test_nccl_config_on_cpu_fails_fast():
     with pytest.raises(NcclUnavailableError, match="generation.backend='vllm'"):
         check_weight_sync_method("nccl", generation_backend="transformers")
-    with pytest.raises(ValueError, match="object_store' or 'nccl'"):
-        check_weight_sync_method("gloo")
+    with pytest.raises(NcclUnavailableError, match="generation.backend='vllm' on CPU"):
+        check_weight_sync_method("gloo", generation_backend="transformers")
+    with pytest.raises(ValueError, match="'object_store', 'nccl' or 'gloo'"):
+        check_weight_sync_method("mpi")
     check_weight_sync_method("object_store", generation_backend="transformers")
 
 

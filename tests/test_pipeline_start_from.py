@@ -27,6 +27,7 @@ def test_only_iteration_settings_may_differ():
         "run.name=other", "run.iterations=5", "judge.kind=reward_model", "judge.reference=previous",
         "judge.length_penalty=0.01", "training.self_refine=false", "training.decoupled_noise_detection=false",
         "training.alpha=0.3", "training.k_percent=20", "training.iteration_epochs=2",
+        "weight_sync.method=gloo", "weight_sync.timeout_s=60",  # transport: checksums verified, results equal
     ]))
     assert seed_stage_differences(base, iteration_only) == []
     seed_stage = config_to_dict(load_config(None, [

@@ -116,7 +116,7 @@ def test_samples_with_logprobs_seeded_and_eos(models, ray_vllm):
     assert [r["response_ids"] for r in alone] == [r["response_ids"] for r in rows[6:9]]
     # the NCCL path's rank count is the running engine's world size, asked the way the
     # broadcast asks collective calls (never retried by Ray)
-    assert ray.get(actor.nccl_world_size.options(max_task_retries=0).remote()) == 1
+    assert ray.get(actor.collective_world_size.options(max_task_retries=0).remote()) == 1
     ray.kill(actor)
 
 
@@ -281,3 +281,43 @@ def test_bench_vllm_toy_prints_its_table(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| backend |" in proc.stdout and "| vllm |" in proc.stdout and "| transformers |" in proc.stdout
     assert (tmp_path / "vllm.csv").exists()
+
+
+def test_collective_route_over_gloo(models, ray_vllm):
+    """weight_sync.method=gloo: a sender actor and the vLLM worker form a group and the
+    weights stream into vLLM's in-place reload (the NCCL route's CPU twin). Then a
+    deadline too short for the rendezvous: the actor is restarted and reloads the
+    checkpoint itself, and the stage still gets the right weights."""
+    v0, v1 = models
+    pool = ShardedActors(GeneratorActor, ActorGroup(count=1, **GROUP), dict(model_path=str(v0), **ENGINE),
+                         name="generators")
+    ck1 = state_dict_checksum(load_checkpoint_state_dict(v1))
+    report = broadcast_weights(pool, v1, 1, method="gloo", timeout_s=120)
+    assert [(a["path"], a["version"], a["checksum"]) for a in report["actors"]] == [("gloo", 1, ck1)]
+    assert [r["response_ids"] for r in generate_rows(pool, PROMPTS, GREEDY)] == _hf_greedy(v1, PROMPTS, 12)
+
+    pid = ray.get(pool.actors[0].weights_info.remote())["pid"]
+    report = broadcast_weights(pool, v0, 2, method="gloo", timeout_s=1e-3, fallback_timeout_s=300)
+    ck0 = state_dict_checksum(load_checkpoint_state_dict(v0))
+    [actor] = report["actors"]
+    assert (actor["path"], actor["version"], actor["checksum"]) == (CHECKPOINT_FALLBACK, 2, ck0)
+    assert "timed out" in actor["error"]
+    assert ray.get(pool.actors[0].weights_info.remote())["pid"] != pid  # restarted, not reused mid-collective
+    assert [r["response_ids"] for r in generate_rows(pool, PROMPTS, GREEDY)] == _hf_greedy(v0, PROMPTS, 12)
+    for a in pool.actors:
+        ray.kill(a)
+
+
+def test_gloo_rendezvous_deadline_raises_instead_of_waiting():
+    """A group whose other rank never comes: the communicator gives up at its deadline."""
+    import socket
+
+    from spa_ray.actors.weight_sync import collective_communicator
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        collective_communicator("gloo", "127.0.0.1", port, 0, 2, timeout_s=3)
+    assert time.monotonic() - t0 < 30

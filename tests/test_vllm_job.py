@@ -3,8 +3,8 @@
 The embedded default (its task, its tiny model, two SPA iterations, local Ray, DeepSpeed
 over gloo), with the generators on vLLM's CPU backend, run as a user runs it: the job
 script in a subprocess. Then the same run with judge.reuse_generator_logprobs=true, which
-copies the first run's stages up to pi_0 (run.start_from) and labels with vLLM's own
-log pi. Both tables are printed with their label agreement; SPA_RAY_REPORT (a path), when
+copies the first run's stages up to pi_0 (run.start_from), labels with vLLM's own log pi
+and moves weights to the generators by the collective route over gloo. Both tables are printed with their label agreement; SPA_RAY_REPORT (a path), when
 set, receives them as JSON for docs/performance.md.
 
 Slow (several minutes each); part of CI's vLLM step.
@@ -12,6 +12,7 @@ Slow (several minutes each); part of CI's vLLM step.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,11 @@ def test_embedded_default_with_vllm_generators(tmp_path):
     gens = Run.open(load_config(None, [*base, "run.name=vllm"])).dir.path / "data" / "iter_1" / "generations"
     assert (gens / "generations.parquet").exists()
 
-    reuse = ["judge.reuse_generator_logprobs=true", f"run.start_from={tmp_path / 'vllm'}"]
+    # the second run also moves weights by the collective route (gloo, NCCL's CPU twin)
+    reuse = ["judge.reuse_generator_logprobs=true", f"run.start_from={tmp_path / 'vllm'}", "weight_sync.method=gloo"]
     out = _job(*base, "run.name=vllm-reuse", *reuse)
     assert "SPA iteration 2 (pi_2)" in out
+    assert "via gloo" in out and not re.search(r"MB, [1-9][0-9]* fallbacks", out)
     reused = _table(tmp_path, "vllm-reuse", *base[:1], *reuse)
 
     report = {}

@@ -27,10 +27,10 @@ from spa_ray.generation.vllm_backend import EngineWeightsError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GeneratorActor", "generate_rows", "NCCL_WORKER_EXTENSION_CLS"]
+__all__ = ["GeneratorActor", "generate_rows", "COLLECTIVE_WORKER_EXTENSION_CLS"]
 
 # vLLM worker extension with the NCCL receive path (a subclass of the backend's own)
-NCCL_WORKER_EXTENSION_CLS = "spa_ray.actors.weight_sync.SPANcclWorkerExtension"
+COLLECTIVE_WORKER_EXTENSION_CLS = "spa_ray.actors.weight_sync.SPACollectiveWorkerExtension"
 # KV cache of a vLLM engine on CPU unless engine_kwargs say otherwise (vLLM's own default
 # takes most of the machine's free memory)
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -51,7 +51,7 @@ class GeneratorActor(WeightedActor):
             tensor_parallel_size, gpu_memory_utilization, max_model_len (vLLM).
     """
 
-    SUPPORTS_NCCL_BACKENDS = ("vllm",)
+    SUPPORTS_COLLECTIVE_BACKENDS = ("vllm",)  # the weight-update group (weight_sync.method nccl / gloo)
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class GeneratorActor(WeightedActor):
             from spa_ray.generation.vllm_backend import VLLMGenerator
 
             engine_kwargs = dict(backend_kwargs.pop("engine_kwargs", None) or {})
-            engine_kwargs.setdefault("worker_extension_cls", NCCL_WORKER_EXTENSION_CLS)
+            engine_kwargs.setdefault("worker_extension_cls", COLLECTIVE_WORKER_EXTENSION_CLS)
             if device == "cpu":  # vLLM's CPU backend: no CUDA graphs; a KV cache bounded like a GPU's
                 engine_kwargs.setdefault("enforce_eager", True)
                 engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
@@ -176,38 +176,32 @@ class GeneratorActor(WeightedActor):
             return model_checksum(self.engine.model, self._names)
         return self.engine.weights_checksum()
 
-    # -- NCCL path (vLLM only; unrun on the CPU machine) --------------------------------
-    def nccl_world_size(self) -> int:
-        """Ranks this actor contributes to an NCCL weight-update group: its engine's real
-        world size (tensor x pipeline parallel workers), read from the running engine."""
+    # -- collective path (vLLM only: NCCL between GPUs, gloo between CPU processes) -------
+    def _vllm_engine(self):
         if self.backend != "vllm":
-            raise ValueError(f"{self.actor_label}: the NCCL weight path needs the vLLM backend, not {self.backend!r}")
-        return int(self.engine.llm.llm_engine.vllm_config.parallel_config.world_size)
+            raise ValueError(f"{self.actor_label}: the collective weight path needs the vLLM backend, not {self.backend!r}")
+        return self.engine
 
-    def nccl_init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                        timeout_s: float = 300.0) -> None:
-        self.nccl_world_size()
-        self.engine.llm.collective_rpc(
-            "spa_nccl_init", timeout=self.engine.rpc_timeout_s,
-            args=(master_address, int(master_port), int(rank_offset), int(world_size), float(timeout_s)),
-        )
+    def collective_world_size(self) -> int:
+        """Ranks this actor contributes to a weight-update group: its engine's real world
+        size (tensor x pipeline parallel workers), read from the running engine."""
+        return self._vllm_engine().world_size()
 
-    def nccl_receive(self, metadata: list, version: int, checksum: str, path=None) -> dict:
-        """Receive every tensor of `metadata` (sorted names) from rank 0 and load it."""
+    def collective_init_group(self, backend: str, master_address: str, master_port: int, rank_offset: int,
+                              world_size: int, timeout_s: float = 300.0) -> None:
+        self._vllm_engine().collective_init(backend, master_address, master_port, rank_offset, world_size, timeout_s)
+
+    def collective_receive(self, metadata: list, version: int, checksum: str, path=None) -> dict:
+        """Receive every tensor of `metadata` (sorted names) from rank 0 into the engine."""
         import time
 
-        self.nccl_world_size()
+        engine = self._vllm_engine()
         t0 = time.perf_counter()
         self._version, self._checksum = None, None
-        digests = self.engine.llm.collective_rpc("spa_nccl_receive", timeout=self.engine.rpc_timeout_s, args=(metadata,))
-        bad = [d for d in digests if d != checksum]
-        if bad:
-            raise WeightsMismatchError(
-                f"{self.actor_label}: {len(bad)} vLLM worker(s) received weights with checksum {bad[0][:12]}, expected {checksum[:12]}"
-            )
-        self.engine.llm.reset_prefix_cache()
-        self.engine._version = version
-        self._version, self._checksum = version, checksum
+        got = engine.collective_receive(metadata, version)
+        if got != checksum:
+            raise WeightsMismatchError(f"{self.actor_label}: vLLM workers received checksum {got[:12]}, expected {checksum[:12]}")
+        self._version, self._checksum = version, got
         if path is not None:
             self._path = os.fspath(path)
         nbytes = sum(int(torch.empty(0, dtype=getattr(torch, d)).element_size()) * _numel(s) for _, d, s in metadata)

@@ -116,8 +116,9 @@ class ShardedActors:
         return len(self.actors)
 
     @property
-    def supports_nccl(self) -> bool:
-        backends = getattr(self.actor_cls, "SUPPORTS_NCCL_BACKENDS", ())
+    def supports_collective(self) -> bool:
+        """Whether these actors can join a weight-update group (vLLM generators)."""
+        backends = getattr(self.actor_cls, "SUPPORTS_COLLECTIVE_BACKENDS", ())
         return self.init_kwargs.get("backend") in backends
 
     # -- state -------------------------------------------------------------------------

@@ -6,26 +6,27 @@
   packs it as numpy arrays and ``ray.put``s it ONCE; every actor's ``load_weights`` gets
   the same ObjectRef (same-node readers map it zero-copy) and verifies the checksum after
   loading. The calls are awaited with ``ray.wait(timeout=timeout_s)``.
-- ``nccl`` (GPU, vLLM generators): modelled on vLLM's RLHF example. A sender actor on a
-  GPU loads the checkpoint onto its device and forms a stateless NCCL group
-  (``vllm.distributed.utils.StatelessProcessGroup`` + ``PyNcclCommunicator``) with every
-  vLLM worker of every generator (rank 0 = sender, then each engine's TP workers), then
-  broadcasts each tensor in sorted-name order while the workers receive it into a fresh
-  buffer and hand it to ``model.load_weights`` (worker extension
-  ``SPANcclWorkerExtension``). Pools that are not vLLM generators (the judges run
-  transformers) take the object-store path in the same call.
-  NOT RUN on the machine this was written on (no GPU, no vLLM, no NCCL): the code follows
-  the documented vLLM API and must be checked on a GPU cluster.
+- ``nccl`` (GPU) and ``gloo`` (CPU), vLLM generators only: a sender actor loads the
+  checkpoint (onto its GPU for nccl) and forms a group with every vLLM worker of every
+  generator (rank 0 = sender, then each engine's workers, counted from the running engine),
+  then broadcasts each tensor in sorted-name order; the workers stream what they receive
+  into vLLM's in-place ``reload_weights`` and report the checksum of what arrived
+  (``SPACollectiveWorkerExtension``). NCCL is vLLM's PyNcclCommunicator (its RLHF example's
+  recipe); gloo is torch's ProcessGroupGloo, the same route between CPU processes, which
+  runs here with vLLM's CPU backend. Pools that are not vLLM generators (the judges run
+  transformers) take the object-store path in the same call. Every step has a deadline
+  (sender start, rendezvous, each receive); collective calls are never retried by Ray;
+  the group is destroyed after each update. The NCCL communicator itself is unrun here.
 
-Fallback (both methods): an actor whose load times out or fails reloads the checkpoint
+Fallback (every method): an actor whose load times out or fails reloads the checkpoint
 folder itself (``reload_from_checkpoint``); a warning names the actors and the reasons.
-For NCCL a timed-out receiver is blocked inside a collective, so it is first restarted
+On the collective route a timed-out receiver is blocked inside a collective, so it is first restarted
 (``ray.kill(no_restart=False)``; it re-inits from its original checkpoint) and then
 reloaded. Every pool's target is set to (version, checkpoint_dir) before anything is
 sent, so a stage call on an actor that missed the broadcast reloads it too. Finally
 ``require_version(version)`` on every pool; the function returns a report.
 
-NCCL requested where it cannot run (no vLLM generators, no GPUs in the cluster) is a
+A collective method requested where it cannot run (no vLLM generators; nccl without GPUs) is a
 configuration error: ``NcclUnavailableError`` at once, before any weights move. We chose
 to fail fast rather than fall back silently to the object store, so that a GPU config
 that lost its GPUs (or its vLLM backend) is noticed instead of running slowly.
@@ -59,8 +60,9 @@ __all__ = [
     "NcclUnavailableError",
     "broadcast_weights",
     "check_weight_sync_method",
-    "SPANcclWorkerExtension",
-    "NcclWeightSender",
+    "SPACollectiveWorkerExtension",
+    "CollectiveWeightSender",
+    "collective_communicator",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ logger = logging.getLogger(__name__)
 OBJECT_STORE = "object_store"
 CHECKPOINT_FALLBACK = "checkpoint_fallback"
 NCCL = "nccl"
+GLOO = "gloo"
+COLLECTIVE = (NCCL, GLOO)
 
 
 class WeightSyncError(RuntimeError):
@@ -120,21 +124,23 @@ def check_weight_sync_method(method: str, pools: Iterable[ShardedActors] | None 
     """Fail fast when `method` cannot run with these pools / this backend / this cluster."""
     if method == OBJECT_STORE:
         return
-    if method != NCCL:
-        raise ValueError(f"weight_sync.method must be 'object_store' or 'nccl', got {method!r}")
+    if method not in COLLECTIVE:
+        raise ValueError(f"weight_sync.method must be 'object_store', 'nccl' or 'gloo', got {method!r}")
+    where = "on GPUs" if method == NCCL else "on CPU"
     if generation_backend is not None and generation_backend != "vllm":
         raise NcclUnavailableError(
-            f"weight_sync.method='nccl' needs generation.backend='vllm' on GPUs, got {generation_backend!r}; "
+            f"weight_sync.method={method!r} needs generation.backend='vllm' {where}, got {generation_backend!r}; "
             "set weight_sync.method=object_store"
         )
-    if pools is not None and not any(p.supports_nccl for p in pools):
+    if pools is not None and not any(p.supports_collective for p in pools):
         raise NcclUnavailableError(
-            "weight_sync.method='nccl' needs vLLM generator actors on GPUs, but none of the pools "
+            f"weight_sync.method={method!r} needs vLLM generator actors {where}, but none of the pools "
             f"({', '.join(p.name for p in pools)}) is one; set weight_sync.method=object_store"
         )
-    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) <= 0:
+    if method == NCCL and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) <= 0:
         raise NcclUnavailableError(
-            "weight_sync.method='nccl' needs GPUs, but this Ray cluster has none; set weight_sync.method=object_store"
+            "weight_sync.method='nccl' needs GPUs, but this Ray cluster has none; set weight_sync.method=object_store "
+            "(or gloo, the same route between CPU processes)"
         )
 
 
@@ -151,7 +157,7 @@ def broadcast_weights(
 
     Returns {"version", "method", "checkpoint", "checksum", "bytes", "seconds",
     "fallbacks", "actors": [{pool, actor, version, checksum, node_id, path, seconds,
-    bytes, error}]}; "path" is "object_store", "nccl" or "checkpoint_fallback".
+    bytes, error}]}; "path" is "object_store", "nccl", "gloo" or "checkpoint_fallback".
     Raises WeightSyncError when an actor cannot be brought to `version` even by the
     fallback, StaleWeightsError (from require_version) if one still differs.
     """
@@ -167,13 +173,15 @@ def broadcast_weights(
     nbytes = 0
     checksum = None
 
-    nccl_keys = [key for key in keys if method == NCCL and pools[key[0]].supports_nccl]
-    store_keys = [key for key in keys if key not in set(nccl_keys)]
+    collective_keys = [key for key in keys if method in COLLECTIVE and pools[key[0]].supports_collective]
+    store_keys = [key for key in keys if key not in set(collective_keys)]
     restart_first: set = set()
-    if nccl_keys:
-        done, bad, checksum, nbytes = _broadcast_nccl(pools, nccl_keys, checkpoint_dir, version, timeout_s, sender_resources)
+    if collective_keys:
+        done, bad, checksum, nbytes = _broadcast_collective(
+            pools, collective_keys, checkpoint_dir, version, timeout_s, sender_resources, method
+        )
         for key, (info, secs) in done.items():
-            rows[key] = {**info, "path": NCCL, "seconds": secs}
+            rows[key] = {**info, "path": method, "seconds": secs}
         failed.update(bad)
         restart_first = {k for k, why in bad.items() if why.startswith("timed out")}
     if store_keys:
@@ -237,73 +245,131 @@ def broadcast_weights(
     }
 
 
-# ============================================================================ NCCL path
-# Everything below needs CUDA GPUs, NCCL and vLLM. NOT RUN on the machine this was
-# written on; imports of vllm happen inside the functions only.
+# ===================================================================== collective path
+# One route, two communicators: NCCL between GPUs (vLLM's PyNcclCommunicator over its
+# StatelessProcessGroup, as in vLLM's RLHF example) and gloo between CPU processes (torch's
+# ProcessGroupGloo over a TCPStore). The gloo twin runs the whole route here on CPU with
+# vLLM's CPU backend (tests/test_vllm_engine.py); only the NCCL communicator needs a GPU.
+# vllm is imported inside the functions only.
 
 
-def _nccl_communicator(master_address: str, master_port: int, rank: int, world_size: int, device, timeout_s: float = 300.0):
-    """A PyNcclCommunicator over a StatelessProcessGroup (vLLM's RLHF example recipe).
+class _GlooCommunicator:
+    """A broadcast-only gloo group outside torch.distributed's default world."""
 
-    The rendezvous store gives up after `timeout_s` (a missing rank raises, not hangs)."""
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float):
+        from datetime import timedelta
 
-    pg = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=int(rank),
-                                      world_size=int(world_size), store_timeout=max(1, int(timeout_s)))
-    return PyNcclCommunicator(pg, device=device)
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=float(timeout_s))
+        self._store = dist.TCPStore(master_address, int(master_port), int(world_size), is_master=(int(rank) == 0),
+                                    timeout=timeout, wait_for_workers=True)
+        self._pg = dist.ProcessGroupGloo(self._store, int(rank), int(world_size), timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = int(src)
+        self._pg.broadcast([tensor], opts).wait()
+
+    def destroy(self) -> None:
+        self._pg = self._store = None
+
+
+class _NcclCommunicator:
+    """vLLM's PyNcclCommunicator over a StatelessProcessGroup whose store gives up after
+    `timeout_s` (a missing rank raises, not hangs)."""
+
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float, device):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        pg = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=int(rank),
+                                          world_size=int(world_size), store_timeout=max(1, int(timeout_s)))
+        self._comm = PyNcclCommunicator(pg, device=device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+
+    def destroy(self) -> None:
+        if self._comm is not None:
+            self._comm.destroy()
+        self._comm = None
+
+
+def collective_communicator(backend: str, master_address: str, master_port: int, rank: int, world_size: int,
+                            timeout_s: float = 300.0, device=None):
+    """A communicator of the weight-update group: "gloo" (CPU) or "nccl" (GPU, needs vLLM)."""
+    if backend == GLOO:
+        return _GlooCommunicator(master_address, master_port, rank, world_size, timeout_s)
+    if backend == NCCL:
+        return _NcclCommunicator(master_address, master_port, rank, world_size, timeout_s, device)
+    raise ValueError(f"collective backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
 def _destroy(comm) -> None:
-    """Free a communicator (one per update: a group left alive leaks NCCL resources)."""
-    if comm is not None and hasattr(comm, "destroy"):
+    """Free a communicator (one per update: a group left alive leaks NCCL/gloo resources)."""
+    if comm is not None:
         comm.destroy()
 
 
-class SPANcclWorkerExtension(SPAWorkerExtension):
-    """vLLM worker extension: the backend's chunked load plus the NCCL receive path.
+class SPACollectiveWorkerExtension(SPAWorkerExtension):
+    """vLLM worker extension: the backend's byte and checkpoint loads plus the collective
+    receive. GeneratorActor(backend="vllm") passes this as ``worker_extension_cls``."""
 
-    GeneratorActor(backend="vllm") passes this as ``worker_extension_cls``. UNRUN here.
-    """
-
-    def spa_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                      timeout_s: float = 300.0) -> None:
+    def spa_collective_init(self, backend: str, master_address: str, master_port: int, rank_offset: int,
+                            world_size: int, timeout_s: float = 300.0) -> None:
         from vllm.distributed.parallel_state import get_world_group
 
-        _destroy(getattr(self, "_spa_nccl", None))  # a group a failed update left behind
+        _destroy(getattr(self, "_spa_comm", None))  # a group a failed update left behind
+        self._spa_comm = None
         rank = get_world_group().rank + int(rank_offset)
-        self._spa_nccl = _nccl_communicator(master_address, master_port, rank, world_size, self.device, timeout_s)
+        self._spa_comm = collective_communicator(backend, master_address, master_port, rank, world_size, timeout_s,
+                                                 self.device)
 
-    def spa_nccl_receive(self, metadata: list, checksum: bool = True) -> str | None:
-        """Receive (name, dtype, shape) tensors in order from rank 0; load each one."""
-        model = self.model_runner.model
-        load = getattr(model, "load_weights", None) or model.runnable.load_weights
-        acc = ChecksumAccumulator() if checksum else None
-        try:
+    def spa_collective_receive(self, metadata: list, version: int) -> dict:
+        """Receive (name, dtype, shape) tensors in sorted-name order from rank 0, streamed
+        into vLLM's in-place reload (no second copy of the model is held); returns
+        {version, checksum, tensors} of what arrived. The group is destroyed afterwards."""
+        state = self._spa_state()
+        state["version"], state["checksum"] = None, None
+        acc = ChecksumAccumulator()
+        device = self.device if torch.device(self.device).type != "cpu" else "cpu"
+
+        def received():
             for name, dtype_name, shape in metadata:
-                buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype_name), device=self.device)
-                self._spa_nccl.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-                if acc is not None:
-                    acc.update(name, buf)
-                load(weights=[(name, buf)])
-                del buf
-            torch.cuda.synchronize()
+                buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype_name), device=device)
+                self._spa_comm.broadcast(buf, src=0)
+                acc.update(name, buf)
+                yield name, buf
+
+        try:
+            self.reload_weights(weights_iterator=received(), is_checkpoint_format=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
         finally:
-            _destroy(self._spa_nccl)
-            self._spa_nccl = None
-        return acc.hexdigest() if acc is not None else None
+            _destroy(self._spa_comm)
+            self._spa_comm = None
+        state["version"], state["checksum"] = int(version), acc.hexdigest()
+        return {"version": state["version"], "checksum": state["checksum"], "tensors": len(metadata)}
 
 
-class NcclWeightSender:
-    """Rank 0 of the weight-update group: a small GPU actor holding the checkpoint. UNRUN here."""
+class CollectiveWeightSender:
+    """Rank 0 of the weight-update group: a small actor holding the checkpoint (on its GPU
+    for NCCL, in memory for gloo)."""
 
-    def __init__(self, checkpoint_dir: str):
-        self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        torch.cuda.set_device(self.device)
+    def __init__(self, checkpoint_dir: str, backend: str = NCCL):
+        self.backend = backend
+        if backend == NCCL:
+            self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
         sd = load_checkpoint_state_dict(checkpoint_dir)
         self.checksum = state_dict_checksum(sd)
         self.names = sorted(sd)
-        self.tensors = {k: sd[k].to(self.device) for k in self.names}
+        self.tensors = {k: sd[k].to(self.device).contiguous() for k in self.names}
         self.comm = None
 
     def address(self) -> tuple[str, int]:
@@ -318,52 +384,60 @@ class NcclWeightSender:
         return meta, self.checksum, int(nbytes)
 
     def init_group(self, master_address: str, master_port: int, world_size: int, timeout_s: float = 300.0) -> None:
-        self.comm = _nccl_communicator(master_address, master_port, 0, world_size, self.device, timeout_s)
+        self.comm = collective_communicator(self.backend, master_address, master_port, 0, world_size, timeout_s,
+                                            self.device)
 
     def send_all(self) -> int:
         try:
             for k in self.names:
-                self.comm.broadcast(self.tensors[k], src=0, stream=torch.cuda.current_stream())
-            torch.cuda.synchronize()
+                self.comm.broadcast(self.tensors[k], src=0)
+            if self.backend == NCCL:
+                torch.cuda.synchronize()
         finally:
             _destroy(self.comm)
             self.comm = None
         return len(self.names)
 
 
-def _broadcast_nccl(pools, keys, checkpoint_dir, version, timeout_s, sender_resources):
-    """NCCL broadcast to the vLLM generators `keys`; returns (done, failed, checksum, bytes). UNRUN here."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        raise NcclUnavailableError("weight_sync.method='nccl' needs vLLM installed (pip install 'spa-ray[gpu]')") from exc
-    opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
+def _broadcast_collective(pools, keys, checkpoint_dir, version, timeout_s, sender_resources, backend):
+    """Collective broadcast to the vLLM generators `keys`; returns (done, failed, checksum, bytes).
+
+    A deadline on every step: the sender's start, the world-size query, the rendezvous
+    (store timeout and ray.wait), every receive (the group's timeout, vLLM's RPC deadline
+    and ray.wait). Collective calls are never retried by Ray. Whatever fails, the group is
+    torn down and the actors are reported as timed out (restarted, then reloaded)."""
+    if backend == NCCL:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise NcclUnavailableError("weight_sync.method='nccl' needs vLLM installed (pip install 'spa-ray[gpu]')") from exc
+    opts: dict[str, Any] = {"num_gpus": 1 if backend == NCCL else 0, "num_cpus": 0, "max_restarts": 0}
     if sender_resources:
         opts["resources"] = dict(sender_resources)
-    sender = ray.remote(NcclWeightSender).options(**opts).remote(checkpoint_dir)
+    sender = ray.remote(CollectiveWeightSender).options(**opts).remote(checkpoint_dir, backend)
     try:
         meta, checksum, nbytes = ray.get(sender.metadata.remote(), timeout=timeout_s)
-        sizes = ray.get([pools[pi].actors[k].nccl_world_size.remote() for pi, k in keys], timeout=timeout_s)
+        sizes = ray.get([pools[pi].actors[k].collective_world_size.remote() for pi, k in keys], timeout=timeout_s)
         world_size = 1 + sum(sizes)
         host, port = ray.get(sender.address.remote(), timeout=timeout_s)
         offsets, off = [], 1
         for s in sizes:
             offsets.append(off)
             off += s
-        # group formation is a rendezvous: all ranks at once
         # Collective calls are never retried by Ray: a retry on a restarted actor would join a
         # rendezvous whose store is gone and wait there. The fallback handles a failed actor.
         once = {"max_task_retries": 0}
+        # group formation is a rendezvous: all ranks at once
         init = [sender.init_group.remote(host, port, world_size, timeout_s)] + [
-            pools[pi].actors[k].nccl_init_group.options(**once).remote(host, port, o, world_size, timeout_s)
+            pools[pi].actors[k].collective_init_group.options(**once).remote(backend, host, port, o, world_size, timeout_s)
             for (pi, k), o in zip(keys, offsets)
         ]
         ready, _ = ray.wait(init, num_returns=len(init), timeout=timeout_s)
         if len(ready) < len(init):
-            raise TimeoutError(f"NCCL group formation timed out after {timeout_s} s")
+            raise TimeoutError(f"{backend} group formation timed out after {timeout_s} s")
         ray.get(init)
         recv = {
-            pools[pi].actors[k].nccl_receive.options(**once).remote(meta, version, checksum, checkpoint_dir): (pi, k)
+            pools[pi].actors[k].collective_receive.options(**once).remote(meta, version, checksum, checkpoint_dir): (pi, k)
             for pi, k in keys
         }
         send = sender.send_all.remote()
@@ -371,12 +445,12 @@ def _broadcast_nccl(pools, keys, checkpoint_dir, version, timeout_s, sender_reso
         try:
             ray.get(send, timeout=1.0 if failed else timeout_s)
         except Exception as exc:  # the receivers' results say who got what
-            logger.warning("NCCL sender did not finish cleanly: %s", exc)
+            logger.warning("%s weight sender did not finish cleanly: %s", backend, exc)
         return done, failed, checksum, nbytes
     except Exception as exc:
         if isinstance(exc, NcclUnavailableError):
             raise
-        reason = f"NCCL setup failed: {type(exc).__name__}: {exc}"
+        reason = f"{backend} setup failed: {type(exc).__name__}: {exc}"
         logger.warning("%s", reason)
         # receivers may be stuck in a rendezvous or collective: treat as timed out (restart, reload)
         sd = load_checkpoint_state_dict(checkpoint_dir)

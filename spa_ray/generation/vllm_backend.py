@@ -455,6 +455,20 @@ class VLLMGenerator(GeneratorBackend):
             raise TypeError(f"version must be an int, got {type(version).__name__}")
         return self._agreed(self._rpc("spa_reload_from_path", os.fspath(path), version), version)
 
+    def world_size(self) -> int:
+        """Worker processes of this engine (tensor x pipeline parallel)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def collective_init(self, backend: str, master_address: str, master_port: int, rank_offset: int,
+                        world_size: int, timeout_s: float) -> None:
+        """Every worker joins the weight-update group (needs SPACollectiveWorkerExtension)."""
+        self._rpc("spa_collective_init", backend, master_address, int(master_port), int(rank_offset), int(world_size),
+                  float(timeout_s))
+
+    def collective_receive(self, metadata: list, version: int) -> str:
+        """Every worker receives the broadcast into an in-place reload; returns the checksum."""
+        return self._agreed(self._rpc("spa_collective_receive", metadata, int(version)), version)
+
     def weights_checksum(self) -> str | None:
         """The checksum the workers report for what they hold (None: as built, never loaded)."""
         replies = self._rpc("spa_weights_info")

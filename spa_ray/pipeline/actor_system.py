@@ -3,7 +3,7 @@
 Pools are created on first use at the weights the first stage needs, and afterwards
 moved by the weight broadcast: when a stage asks for version v, every pool that holds
 another version receives the checkpoint of v in one broadcast (object store on CPU,
-NCCL to vLLM on GPUs; timeout, then checkpoint-reload fallback), and every actor's
+a collective group to vLLM: NCCL on GPUs, gloo on CPU; timeout, then checkpoint-reload fallback), and every actor's
 version is checked before the stage runs.
 """
 
@@ -18,7 +18,7 @@ from spa_ray.actors.weight_sync import broadcast_weights
 from spa_ray.pipeline.config import ConfigError, SPAConfig
 
 
-#: what ``_broadcast_nccl`` (spa_ray/actors/weight_sync.py) asks Ray for its NcclWeightSender
+#: what ``_broadcast_collective`` (spa_ray/actors/weight_sync.py) asks Ray for its NCCL sender
 NCCL_SENDER_DEMAND = {"CPU": 0.0, "GPU": 1.0}
 
 

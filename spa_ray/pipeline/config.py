@@ -267,8 +267,10 @@ class PlacementConfig:
 
 @dataclass
 class WeightSyncConfig:
-    method: Literal["object_store", "nccl"] = field(
-        "object_store", help="Broadcast path after each stage: Ray object store (CPU) or an NCCL group (GPU)."
+    method: Literal["object_store", "nccl", "gloo"] = field(
+        "object_store",
+        help="Broadcast path after each stage: the Ray object store, or a collective group from a sender to the vLLM "
+        "workers: nccl between GPUs, gloo (its CPU twin) between CPU processes.",
     )
     timeout_s: float = field(600.0, help="A broadcast slower than this fails over to reloading the checkpoint.")
 

@@ -12,6 +12,8 @@ may differ ONLY in ``ITERATION_SETTINGS``; anything else (data, model, seed, the
 training settings, generation and evaluation settings, placement, variants) is refused
 with the list of differing keys. Placement is refused too although it should not change
 results: a GPU run copied from a CPU run is a comparison the user should make on purpose.
+``weight_sync`` (how weights travel to the actors) may differ: every route ends with each
+actor's checksum equal to the checkpoint's, so no result can depend on it.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ ITERATION_SETTINGS = frozenset({
 })
 
 
+#: settings that move weights without changing them (checksums verified on every route)
+TRANSPORT_SETTINGS = frozenset({"weight_sync"})
+
+
 def seed_stage_differences(source: dict, config: dict) -> list[str]:
     """Keys (dotted) whose values differ between two resolved configs and that a seed stage reads."""
-    return differing_keys(source, config, ignore=ITERATION_SETTINGS)
+    return differing_keys(source, config, ignore=ITERATION_SETTINGS | TRANSPORT_SETTINGS)
 
 
 def _read_source(source: Path) -> tuple[Path, dict, dict, list[dict]]:
