@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from spa_ray.actors.base import pack_state_dict
+    from spa_ray.weights.packing import pack_state_dict
     from spa_ray.actors.generator import GeneratorActor
     from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
 

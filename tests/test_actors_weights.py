@@ -12,25 +12,18 @@ import ray
 import torch
 
 from _tiny_model import save_tiny_model_dir, torch_single_thread  # noqa: F401
-from spa_ray.actors import (
-    GeneratorActor,
-    JudgeActor,
+from spa_ray.actors import GeneratorActor, JudgeActor, ShardedActors, contiguous_shards
+from spa_ray.models.loading import ChecksumAccumulator, load_causal_lm, load_checkpoint_state_dict, state_dict_checksum
+from spa_ray.weights import (
     NcclUnavailableError,
-    ShardedActors,
+    PackedStateDict,
     StaleWeightsError,
     WeightsMismatchError,
     broadcast_weights,
     check_weight_sync_method,
-    contiguous_shards,
-)
-from spa_ray.actors.base import (
-    ChecksumAccumulator,
-    PackedStateDict,
-    load_checkpoint_state_dict,
     pack_state_dict,
     unpack_state_dict,
 )
-from spa_ray.models.loading import load_causal_lm, state_dict_checksum
 from spa_ray.pipeline.config import ActorGroup
 
 # ----------------------------------------------------------------- pure helpers (no Ray)
@@ -166,7 +159,7 @@ def test_wrong_checksum_raises_and_leaves_the_actor_unusable(pools, ckpts):
 
 def test_broadcast_timeout_falls_back_to_the_checkpoint(pools, ckpts, caplog):
     gens, judges = pools
-    with caplog.at_level(logging.WARNING, logger="spa_ray.actors.weight_sync"):
+    with caplog.at_level(logging.WARNING, logger="spa_ray.weights.broadcast"):
         report = broadcast_weights([gens, judges], ckpts[2], version=2, timeout_s=1.0, fallback_timeout_s=120)
     want = _checksum(ckpts[2])
     gen_rows = [a for a in report["actors"] if a["pool"] == "gen"]
@@ -179,7 +172,7 @@ def test_broadcast_timeout_falls_back_to_the_checkpoint(pools, ckpts, caplog):
 
 def test_broadcast_load_error_falls_back_for_the_failing_actors_only(pools, ckpts, caplog):
     gens, judges = pools
-    with caplog.at_level(logging.WARNING, logger="spa_ray.actors.weight_sync"):
+    with caplog.at_level(logging.WARNING, logger="spa_ray.weights.broadcast"):
         report = broadcast_weights([gens, judges], ckpts[3], version=3, timeout_s=120)
     want = _checksum(ckpts[3])
     paths = {a["actor"]: a["path"] for a in report["actors"]}

@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from spa_ray.generation.base import GeneratedSequence, GeneratorBackend, SamplingConfig, prompt_occurrences, row_seed
-from spa_ray.generation.vllm_backend import (
-    WORKER_EXTENSION_CLS,
-    checkpoint_dtype,
-    iter_state_dict_chunks,
-    record_to_tensor,
-    tensor_to_record,
-    request_seed,
-    vllm_engine_kwargs,
-    vllm_sampling_kwargs,
-)
+from spa_ray.generation.vllm_backend import checkpoint_dtype, request_seed, vllm_engine_kwargs, vllm_sampling_kwargs
+from spa_ray.weights.packing import iter_state_dict_chunks, record_to_tensor, tensor_to_record
+from spa_ray.weights.vllm_worker import WORKER_EXTENSION_CLS
 
 
 def test_sampling_config_defaults_match_spa():

@@ -11,8 +11,9 @@ import pytest
 import ray
 
 from _tiny_model import save_tiny_model_dir, torch_single_thread  # noqa: F401
-from spa_ray.actors import GeneratorActor, JudgeActor, ShardedActors, broadcast_weights, generate_rows
-from spa_ray.actors.base import load_checkpoint_state_dict
+from spa_ray.actors import GeneratorActor, JudgeActor, ShardedActors, generate_rows
+from spa_ray.models.loading import load_checkpoint_state_dict
+from spa_ray.weights import broadcast_weights
 from spa_ray.models.loading import state_dict_checksum
 from spa_ray.pipeline.config import ActorGroup
 

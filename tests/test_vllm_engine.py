@@ -21,10 +21,9 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (build .venv-vllm, README)")
 
 from _tiny_model import save_tiny_model_dir  # noqa: E402
-from spa_ray.actors.base import pack_state_dict  # noqa: E402
 from spa_ray.actors.generator import GeneratorActor, generate_rows  # noqa: E402
 from spa_ray.actors.pool import ShardedActors  # noqa: E402
-from spa_ray.actors.weight_sync import CHECKPOINT_FALLBACK, OBJECT_STORE, broadcast_weights  # noqa: E402
+from spa_ray.weights import CHECKPOINT_FALLBACK, OBJECT_STORE, broadcast_weights, pack_state_dict  # noqa: E402
 from spa_ray.generation.base import SamplingConfig  # noqa: E402
 from spa_ray.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from spa_ray.models.loading import load_causal_lm, load_checkpoint_state_dict, load_tokenizer, state_dict_checksum  # noqa: E402,I001
@@ -312,7 +311,7 @@ def test_gloo_rendezvous_deadline_raises_instead_of_waiting():
     """A group whose other rank never comes: the communicator gives up at its deadline."""
     import socket
 
-    from spa_ray.actors.weight_sync import collective_communicator
+    from spa_ray.weights.collective import collective_communicator
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

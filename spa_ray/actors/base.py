@@ -1,4 +1,4 @@
-"""Shared pieces of the weight-holding actors: checkpoints, packed state dicts, checksums.
+"""WeightedActor: the weights bookkeeping shared by the actors that hold a policy.
 
 Every actor that holds policy weights (generators, judges) keeps three facts about them:
 the ``version`` (0 = pi_init / as constructed, t = pi_t; ``None`` = unknown, after a
@@ -9,9 +9,7 @@ and every stage call carries the pool's target (version, path) so an actor that 
 restarted (its ``__init__`` re-runs with the ORIGINAL arguments, i.e. pi_init) reloads
 the current checkpoint before it serves (``WeightedActor.sync_to``).
 
-Weights cross the object store as a ``PackedStateDict``: numpy arrays (bfloat16 as raw
-16-bit words), so that readers on the same node map them zero-copy instead of unpickling
-tensor bytes.
+How weights travel (packing, routes, errors) lives in ``spa_ray.weights``.
 """
 
 from __future__ import annotations
@@ -19,109 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from spa_ray.models.loading import (  # noqa: F401 (re-exported: the actors' weight vocabulary)
-    ChecksumAccumulator,
-    checkpoint_tensor_names,
-    load_checkpoint_state_dict,
-    state_dict_checksum,
-)
+from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
+from spa_ray.weights.errors import WeightsError, WeightsMismatchError
+from spa_ray.weights.packing import resolve_state_dict, state_dict_nbytes
 
-__all__ = [
-    "WeightsError",
-    "WeightsMismatchError",
-    "StaleWeightsError",
-    "PackedStateDict",
-    "pack_state_dict",
-    "unpack_state_dict",
-    "resolve_state_dict",
-    "load_checkpoint_state_dict",
-    "checkpoint_tensor_names",
-    "state_dict_nbytes",
-    "ChecksumAccumulator",
-    "WeightedActor",
-    "current_node_id",
-]
+__all__ = ["WeightedActor", "current_node_id", "model_checksum", "copy_and_verify"]
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be loaded or synchronised."""
-
-
-class WeightsMismatchError(WeightsError):
-    """The weights an actor holds after a load do not have the expected checksum."""
-
-
-class StaleWeightsError(WeightsError):
-    """An actor holds a weights version other than the one a stage requires."""
-
-
-# ------------------------------------------------------------------ packed state dicts
-# torch dtypes numpy cannot hold natively travel as same-width integer words
-_VIEW_AS = {torch.bfloat16: torch.int16}
-
-
-@dataclass
-class PackedStateDict:
-    """A state dict as numpy arrays (zero-copy through Ray's object store)."""
-
-    arrays: dict[str, np.ndarray]
-    dtypes: dict[str, str]  # name -> torch dtype name, e.g. "bfloat16"
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.arrays.values()))
-
-
-def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedStateDict:
-    arrays, dtypes = {}, {}
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state dict entry {name!r} is not a tensor ({type(t).__name__})")
-        t = t.detach().to("cpu").contiguous()
-        dtypes[name] = str(t.dtype).removeprefix("torch.")
-        if t.dtype in _VIEW_AS:
-            t = t.view(_VIEW_AS[t.dtype])
-        arrays[name] = t.numpy()
-    return PackedStateDict(arrays, dtypes)
-
-
-def unpack_state_dict(packed: PackedStateDict) -> dict[str, torch.Tensor]:
-    """Tensors viewing the packed arrays (read-only memory: copy them into a model)."""
-    out = {}
-    with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
-        warnings.simplefilter("ignore", UserWarning)
-        for name, arr in packed.arrays.items():
-            t = torch.from_numpy(arr)
-            dtype = getattr(torch, packed.dtypes[name])
-            out[name] = t.view(dtype) if t.dtype != dtype else t
-    return out
-
-
-def resolve_state_dict(state) -> Mapping[str, torch.Tensor]:
-    """A tensor mapping from a mapping, a PackedStateDict, or an ObjectRef to either."""
-    import ray
-
-    if isinstance(state, ray.ObjectRef):
-        state = ray.get(state)
-    if isinstance(state, PackedStateDict):
-        return unpack_state_dict(state)
-    if isinstance(state, Mapping):
-        return state
-    raise TypeError(f"expected a state dict, PackedStateDict or ObjectRef, got {type(state).__name__}")
-
-
-def state_dict_nbytes(state_dict: Mapping[str, torch.Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in state_dict.values()))
 
 
 def current_node_id() -> str | None:

@@ -14,23 +14,15 @@ from collections.abc import Mapping
 
 import torch
 
-from spa_ray.actors.base import (
-    WeightedActor,
-    WeightsError,
-    WeightsMismatchError,
-    checkpoint_tensor_names,
-    copy_and_verify,
-    model_checksum,
-)
+from spa_ray.actors.base import WeightedActor, copy_and_verify, model_checksum
 from spa_ray.generation.base import SamplingConfig, encode_prompt, prompt_occurrences
-from spa_ray.generation.vllm_backend import EngineWeightsError
+from spa_ray.models.loading import checkpoint_tensor_names
+from spa_ray.weights.errors import EngineWeightsError, WeightsError, WeightsMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GeneratorActor", "generate_rows", "COLLECTIVE_WORKER_EXTENSION_CLS"]
+__all__ = ["GeneratorActor", "generate_rows"]
 
-# vLLM worker extension with the NCCL receive path (a subclass of the backend's own)
-COLLECTIVE_WORKER_EXTENSION_CLS = "spa_ray.actors.weight_sync.SPACollectiveWorkerExtension"
 # KV cache of a vLLM engine on CPU unless engine_kwargs say otherwise (vLLM's own default
 # takes most of the machine's free memory)
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -78,7 +70,6 @@ class GeneratorActor(WeightedActor):
             from spa_ray.generation.vllm_backend import VLLMGenerator
 
             engine_kwargs = dict(backend_kwargs.pop("engine_kwargs", None) or {})
-            engine_kwargs.setdefault("worker_extension_cls", COLLECTIVE_WORKER_EXTENSION_CLS)
             if device == "cpu":  # vLLM's CPU backend: no CUDA graphs; a KV cache bounded like a GPU's
                 engine_kwargs.setdefault("enforce_eager", True)
                 engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)

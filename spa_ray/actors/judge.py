@@ -13,16 +13,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from spa_ray.actors.base import (
-    WeightedActor,
-    WeightsMismatchError,
-    checkpoint_tensor_names,
-    copy_and_verify,
-    model_checksum,
-)
+from spa_ray.actors.base import WeightedActor, copy_and_verify, model_checksum
 from spa_ray.evaluation.win_rates import implicit_reward_accuracy
 from spa_ray.judging.implicit_reward import implicit_reward, label_pairs
-from spa_ray.models.loading import load_causal_lm, load_tokenizer
+from spa_ray.models.loading import checkpoint_tensor_names, load_causal_lm, load_tokenizer
+from spa_ray.weights.errors import WeightsMismatchError
 from spa_ray.models.scoring import (
     DEFAULT_MAX_TOKENS_PER_BATCH,
     batched_policy_reference_logprobs,

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from spa_ray.actors.base import WeightedActor, checkpoint_tensor_names, copy_and_verify, model_checksum
+from spa_ray.actors.base import WeightedActor, copy_and_verify, model_checksum
+from spa_ray.models.loading import checkpoint_tensor_names
 from spa_ray.judging.judge_models import judge_rows, load_model_judge
 
 __all__ = ["ModelJudgeActor", "label_rows_by_model"]

