@@ -126,7 +126,7 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
     from spa_ray.objectives.confidence_window import ConfidenceWindow
     from spa_ray.objectives.noise_detection import lambda_for_iteration
     from spa_ray.pipeline.stages import BASELINE_SEED_OFFSET, EVAL_SEED_OFFSET  # noqa: F401
-    from spa_ray.pipeline.tables import read_json, read_parquet, write_parquet
+    from spa_ray.data.tables import read_json, read_parquet, write_parquet
     from spa_ray.tasks.base import load_task
     from spa_ray.training.batch_plan import BatchPlan, group_by_length
     from spa_ray.training.preference_step import preference_step

@@ -23,7 +23,7 @@ import yaml
 
 from spa_ray.pipeline.actor_system import check_placement
 from spa_ray.pipeline.config import ConfigError, SPAConfig, load_config
-from spa_ray.pipeline.config_tree import from_dict, read_yaml
+from spa_ray.config.tree import from_dict, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from spa_ray.pipeline.config import SPAConfig, load_config, config_to_dict
-from spa_ray.pipeline.config_tree import ConfigError, describe
+from spa_ray.config.tree import ConfigError, describe
 
 REPO = Path(__file__).resolve().parents[1]
 

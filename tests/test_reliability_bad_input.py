@@ -19,7 +19,7 @@ from _tiny_model import save_tiny_model_dir
 from spa_ray.data.errors import DataError
 from spa_ray.models.loading import MissingChatTemplateError, MissingTokenizerError, ModelLoadError
 from spa_ray.pipeline.config import load_config
-from spa_ray.pipeline.config_tree import ConfigError
+from spa_ray.config.tree import ConfigError
 from spa_ray.pipeline.driver import run_spa
 from spa_ray.pipeline.stages import Run, prepare_data
 from spa_ray.tasks.base import PromptSplits

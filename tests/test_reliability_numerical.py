@@ -25,7 +25,7 @@ from _tiny_model import WORDS, make_tiny_tokenizer, save_tiny_model_dir, torch_s
 from spa_ray.data.tokenize import encode_prompt
 from spa_ray.pipeline.config import load_config
 from spa_ray.pipeline.stages import NotEnoughPairsError, Run, judge_pairs, train_policy
-from spa_ray.pipeline.tables import write_parquet
+from spa_ray.data.tables import write_parquet
 from spa_ray.training.pairs_table import write_pairs
 from spa_ray.training.worker import NonFiniteLossError
 

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from spa_ray.pipeline.config import SPAConfig  # noqa: E402
-from spa_ray.pipeline.config_tree import reference_markdown  # noqa: E402
+from spa_ray.config.tree import reference_markdown  # noqa: E402
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

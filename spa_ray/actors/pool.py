@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from spa_ray.weights.errors import StaleWeightsError
-from spa_ray.pipeline.config import ActorGroup
+from spa_ray.config.placement import ActorGroup
 
 __all__ = ["ShardedActors", "contiguous_shards", "StageFailedError"]
 

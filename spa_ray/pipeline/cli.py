@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from spa_ray.pipeline.config import ConfigError, load_config
-from spa_ray.pipeline.config_tree import reference_markdown
+from spa_ray.config.tree import reference_markdown
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ from typing import Any, Iterator
 import yaml
 
 from spa_ray.pipeline.config import RESOURCE_SETTINGS, ConfigError, SPAConfig, config_to_dict, load_config
-from spa_ray.pipeline.config_tree import differing_keys, get_dotted
+from spa_ray.config.tree import differing_keys, get_dotted
 from spa_ray.pipeline.run_dir import RunDirectory
-from spa_ray.pipeline.tables import read_json, read_parquet, write_json, write_parquet
+from spa_ray.data.tables import read_json, read_parquet, write_json, write_parquet
 from spa_ray.pipeline.telemetry import Telemetry
 
 EVAL_SEED_OFFSET = 1_000      # every policy is evaluated with the same sampling seeds

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spa_ray.pipeline.config_tree import ConfigError, differing_keys
+from spa_ray.config.tree import ConfigError, differing_keys
 from spa_ray.pipeline.run_dir import RunDirectory, read_metrics_file
 
 __all__ = ["SEED_STAGES", "ITERATION_SETTINGS", "seed_stage_differences", "adopt_seed_stages"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spa_ray.pipeline.config import ActorGroup
+from spa_ray.config.placement import ActorGroup
 from spa_ray.training.worker import NonFiniteLossError, TrainStageSpec, train_loop_per_worker
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from spa_ray.pipeline.config_tree import ConfigError, field
+from spa_ray.config.tree import ConfigError, field
 
 VARIANT_NAMES = ("spa", "sspo", "sp2dpo", "s_sppo", "wdro_dpo")
 

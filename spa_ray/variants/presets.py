@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from spa_ray.pipeline.config_tree import ConfigError, read_yaml
+from spa_ray.config.tree import ConfigError, read_yaml
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "clusters" / "presets" / "variants"
 

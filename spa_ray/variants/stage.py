@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spa_ray.pipeline.config import ConfigError
+from spa_ray.config.tree import ConfigError
 
 
 def _applies(stages: str, t: int) -> bool:
@@ -118,7 +118,7 @@ def _s_sppo(run, t, spec, out, cfg):
 
 
 def _sspo(run, t, spec, out, cfg):
-    from spa_ray.pipeline.tables import read_json, read_parquet
+    from spa_ray.data.tables import read_json, read_parquet
     from spa_ray.variants.unpaired import self_unpaired, sft_unpaired, write_unpaired
 
     s = cfg.sspo
