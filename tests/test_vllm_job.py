@@ -17,12 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (build .venv-vllm, README)")
 
-from spa_ray.pipeline.config import load_config  # noqa: E402
-from spa_ray.pipeline.stages import Run, results_table  # noqa: E402
+from spa_ray.pipeline.run_dir import RunDirectory  # noqa: E402
+from spa_ray.pipeline.stages import run_results  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -36,26 +37,25 @@ def _job(*overrides: str, timeout: int = 1500) -> str:
     return proc.stdout
 
 
-def _table(root: Path, name: str, *overrides: str) -> list[dict]:
-    config = load_config(None, [f"run.root={root}", f"run.name={name}", *overrides])
-    return results_table(Run.open(config))
+def _table(root: Path, name: str) -> list[dict]:
+    return run_results(RunDirectory(root, name), iterations=2)
 
 
 def test_embedded_default_with_vllm_generators(tmp_path):
     base = ["generation.backend=vllm", f"run.root={tmp_path}"]
     out = _job(*base, "run.name=vllm")
     assert "| stage | gold win rate |" in out and "SPA iteration 2 (pi_2)" in out
-    paper = _table(tmp_path, "vllm", *base[:1])
-    # the generations came from vLLM: its engine's log-probs are in them, per token
-    gens = Run.open(load_config(None, [*base, "run.name=vllm"])).dir.path / "data" / "iter_1" / "generations"
-    assert (gens / "generations.parquet").exists()
+    paper = _table(tmp_path, "vllm")
 
     # the second run also moves weights by the collective route (gloo, NCCL's CPU twin)
     reuse = ["judge.reuse_generator_logprobs=true", f"run.start_from={tmp_path / 'vllm'}", "weight_sync.method=gloo"]
     out = _job(*base, "run.name=vllm-reuse", *reuse)
     assert "SPA iteration 2 (pi_2)" in out
     assert "via gloo" in out and not re.search(r"MB, [1-9][0-9]* fallbacks", out)
-    reused = _table(tmp_path, "vllm-reuse", *base[:1], *reuse)
+    reused = _table(tmp_path, "vllm-reuse")
+    # the second run judged with vLLM's own log pi: its generations carry them
+    gens = pq.read_table(tmp_path / "vllm-reuse" / "data" / "iter_1" / "generations" / "generations.parquet")
+    assert "policy_logp" in gens.column_names
 
     report = {}
     for label, rows in (("judge forward (default)", paper), ("reuse_generator_logprobs=true", reused)):

@@ -303,11 +303,14 @@ class VLLMGenerator(GeneratorBackend):
         return self._agreed(self._rpc("spa_mark_built", int(version)), version)
 
     def _agreed(self, replies: list, version: int) -> str:
-        """The one checksum every worker reports for `version` (else EngineWeightsError)."""
-        versions = {r["version"] for r in replies}
-        checksums = {r["checksum"] for r in replies}
-        if versions != {version} or len(checksums) != 1:
-            raise EngineWeightsError(f"vLLM workers disagree after loading version {version}: {replies}")
+        """The one checksum every worker reports for `version` (else EngineWeightsError, and
+        the engine is broken: what its workers hold is unknown)."""
+        well_formed = all(isinstance(r, dict) and {"version", "checksum"} <= set(r) for r in replies)
+        versions = {r["version"] for r in replies} if well_formed else set()
+        checksums = {r["checksum"] for r in replies} if well_formed else set()
+        if not replies or versions != {version} or len(checksums) != 1:
+            self.broken = f"workers answered {replies!r} for version {version}"
+            raise EngineWeightsError(f"vLLM workers disagree after loading version {version}: {replies!r}")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._version = version
         return checksums.pop()

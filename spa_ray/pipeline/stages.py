@@ -590,22 +590,27 @@ def evaluate(run: Run, policy: str, version: int, name: str) -> dict[str, float]
 
 # -------------------------------------------------------------------------- report
 def results_table(run: Run) -> list[dict[str, Any]]:
+    return run_results(run.dir, run.config.run.iterations)
+
+
+def run_results(run_dir: RunDirectory, iterations: int) -> list[dict[str, Any]]:
+    """The final table's rows from a run directory's files alone (no Ray, no config)."""
     rows = []
-    names = ["init", "pi_0"] + [f"pi_{t}" for t in range(1, run.config.run.iterations + 1)]
+    names = ["init", "pi_0"] + [f"pi_{t}" for t in range(1, iterations + 1)]
     labels = {"init": "SFT (pi_init)", "pi_0": "seed DPO (pi_0)"}
     for name in names:
-        if not run.dir.is_done(f"eval_{name}"):
+        if not run_dir.is_done(f"eval_{name}"):
             continue
-        summary = read_json(run.dir.path / "eval" / name / "summary.json")
+        summary = read_json(run_dir.path / "eval" / name / "summary.json")
         row = {"stage": labels.get(name, f"SPA iteration {name[3:]} ({name})"), **summary}
         if name.startswith("pi_") and name != "pi_0":
             t = int(name[3:])
-            if run.dir.is_done(f"judge_{t}"):
-                info = run.dir.stage_info(f"judge_{t}")
+            if run_dir.is_done(f"judge_{t}"):
+                info = run_dir.stage_info(f"judge_{t}")
                 row["label_agreement"] = info.get("gold_agreement", math.nan)
                 row["ties"] = info.get("ties", 0)
-            if run.dir.is_done(f"health_{t}"):
-                row["judge_health"] = run.dir.stage_info(f"health_{t}").get("accuracy", math.nan)
+            if run_dir.is_done(f"health_{t}"):
+                row["judge_health"] = run_dir.stage_info(f"health_{t}").get("accuracy", math.nan)
         rows.append(row)
     return rows
 
@@ -630,5 +635,5 @@ def print_final_table(run: Run) -> None:
 
 __all__ = [
     "JudgeHealthError", "NotEnoughPairsError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
-    "judge_pairs", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "train_policy",
+    "judge_pairs", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "run_results", "train_policy",
 ]
