@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from spa_ray.models.loading import ChecksumAccumulator
+from spa_ray.models.loading import ChecksumAccumulator, load_checkpoint_state_dict, state_dict_checksum
 from spa_ray.weights.collective import collective_communicator, destroy_communicator
 from spa_ray.weights.packing import record_to_tensor
 
@@ -38,8 +38,6 @@ class SPAWorkerExtension:
         return state
 
     def _spa_reload(self, named: dict[str, torch.Tensor], version: int) -> dict:
-        from spa_ray.models.loading import state_dict_checksum
-
         state = self._spa_state()
         state["version"], state["checksum"] = None, None  # unknown until the reload returns
         checksum = state_dict_checksum(named)
@@ -72,8 +70,6 @@ class SPAWorkerExtension:
 
     def spa_reload_from_path(self, path: str, version: int) -> dict:
         """Read the safetensors folder here and reload in place (checksum of the files)."""
-        from spa_ray.models.loading import load_checkpoint_state_dict
-
         return self._spa_reload(load_checkpoint_state_dict(path), version)
 
     def spa_mark_built(self, version: int) -> dict:
@@ -87,16 +83,11 @@ class SPAWorkerExtension:
         """(version, checksum) held; as built, the checksum of the folder it was built from."""
         state = self._spa_state()
         if state["checksum"] is None and state["version"] is not None:
-            from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
-
             try:
                 state["checksum"] = state_dict_checksum(load_checkpoint_state_dict(self.vllm_config.model_config.model))
             except FileNotFoundError:  # built from a hub id: nothing local to fingerprint
                 pass
         return {"version": state["version"], "checksum": state["checksum"]}
-
-
-# ----------------------------------------------------------------------- the generator
 
     def spa_collective_init(self, backend: str, master_address: str, master_port: int, rank_offset: int,
                             world_size: int, timeout_s: float = 300.0) -> None:
