@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -50,7 +51,8 @@ def base_overrides(args, root: Path, name: str, iterations: int) -> list[str]:
     if args.model:
         o.append(f"model.name_or_path={args.model}")
     if args.prompts is not None:
-        o.append(f"data.task_kwargs={{n_iterations: [{args.prompts}, {args.prompts}]}}")
+        sizes = ", ".join([str(args.prompts)] * max(iterations, 2))
+        o.append(f"data.task_kwargs={{n_iterations: [{sizes}]}}")
     if args.toy:
         o += ["evaluation.num_prompts=4", "generation.max_new_tokens=24", "training.global_batch_size=4",
               "training.micro_batch_size=2", "judge.max_tokens_per_batch=512"]
@@ -81,31 +83,44 @@ def fresh_copy(root: Path, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- Ray side
 def ray_iteration(args, root: Path, name: str, extra: list[str]) -> dict[str, float]:
+    """Iterations 1..T in one job (one Run: actors and the trainer group stay up). The
+    stage times reported are the LAST iteration's (warm); each iteration's total too."""
+    from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
     from spa_ray.pipeline.config import load_config
     from spa_ray.pipeline import stages as S
 
-    fresh_copy(root, name)
-    config = load_config(None, base_overrides(args, root, name, 1) + extra)
+    run_dir = fresh_copy(root, name)
+    config = load_config(None, base_overrides(args, root, name, args.iterations) + extra)
     times: dict[str, float] = {}
     with contextlib.redirect_stdout(sys.stderr), S.Run.open(config) as run:
         t0 = time.perf_counter()
         data = S.prepare_data(run)
-        S.check_judge_health(run, 1, data)
-        times["health"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        gens = S.generate_responses(run, 1, prompts=data.iteration_prompts[0])
-        times["generate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pairs = S.judge_pairs(run, 1, gens)
-        times["judge"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pi_1 = S.train_policy(run, t=1, policy=run.checkpoint(0), pairs=pairs)
-        times["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        summary = S.evaluate(run, policy=pi_1, version=2, name="pi_1")
-        times["evaluate"] = time.perf_counter() - t
+        pi = run.checkpoint(0)
+        for it in range(1, args.iterations + 1):
+            start = time.perf_counter()
+            S.check_judge_health(run, it, data)
+            times["health"] = time.perf_counter() - start
+            t = time.perf_counter()
+            gens = S.generate_responses(run, it, prompts=data.iteration_prompts[it - 1])
+            times["generate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pairs = S.judge_pairs(run, it, gens)
+            times["judge"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pi = S.train_policy(run, t=it, policy=pi, pairs=pairs)
+            times["train"] = time.perf_counter() - t
+            t = time.perf_counter()
+            summary = S.evaluate(run, policy=pi, version=it + 1, name=f"pi_{it}")
+            times["evaluate"] = time.perf_counter() - t
+            times[f"iter{it}_s"] = time.perf_counter() - start
         times["total"] = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [m for m in metrics if m.get("kind") == "stage" and m.get("stage") == f"train_{args.iterations}"][-1]
+    times["train_steps_s"] = train["step_seconds"]
+    times["train_fixed_s"] = train["fixed_seconds"]
+    times["train_from_memory"] = float(train["from_memory"])
     times["win_rate"] = summary.get("win_rate", math.nan)
+    times["checksum"] = state_dict_checksum(load_checkpoint_state_dict(pi))
     return times
 
 
@@ -151,6 +166,41 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
     pad = tok.pad_token_id
     policy = load_causal_lm(pi_0, dtype="auto", device="cpu")
     init = load_causal_lm(pi_init, dtype="auto", device="cpu")
+    for it in range(1, args.iterations + 1):
+        start = time.perf_counter()
+        policy = _sequential_one(it, locals())
+        times[f"iter{it}_s"] = time.perf_counter() - start
+    from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
+
+    times["total"] = time.perf_counter() - t0
+    times["checksum"] = state_dict_checksum(load_checkpoint_state_dict(out / f"pi_{args.iterations}"))
+    return times
+
+
+def _sequential_one(it: int, env: dict):
+    """Iteration ``it`` of the sequential side (``env``: sequential_iteration's locals)."""
+    import copy
+
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from spa_ray.data.collate import collate_preference_pairs
+    from spa_ray.data.tables import read_parquet, write_parquet
+    from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
+    from spa_ray.evaluation.win_rates import gold_win_rate
+    from spa_ray.generation.base import SamplingConfig
+    from spa_ray.generation.transformers_backend import TransformersGenerator
+    from spa_ray.judging.implicit_reward import label_pairs
+    from spa_ray.models.loading import load_tokenizer
+    from spa_ray.objectives.confidence_window import ConfidenceWindow
+    from spa_ray.objectives.noise_detection import lambda_for_iteration
+    from spa_ray.pipeline.stages import EVAL_SEED_OFFSET
+    from spa_ray.training.batch_plan import BatchPlan, group_by_length
+    from spa_ray.training.preference_step import preference_step
+
+    policy, init, score, times, run_dir, out = (env[k] for k in ("policy", "init", "score", "times", "run_dir", "out"))
+    cfg, g, tr, task, prompts, pad, tok, pi_0 = (env[k] for k in ("cfg", "g", "tr", "task", "prompts", "pad", "tok", "pi_0"))
+    t0 = time.perf_counter()
     hold = read_parquet(run_dir / "data" / "prepare" / "judge_holdout.parquet")
     n = len(hold["prompt_ids"])
     r = score(policy, init, hold["prompt_ids"] * 2, hold["chosen_ids"] + hold["rejected_ids"])
@@ -160,11 +210,12 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
 
     t = time.perf_counter()
     gen_tok = load_tokenizer(pi_0, padding_side="left")
+    policy.eval()
     generator = TransformersGenerator.from_model(policy, gen_tok, max_batch_size=g.batch_size)
-    x1 = prompts["iterations"][0]
+    x1 = prompts["iterations"][it - 1]
     seqs = generator.generate(x1, SamplingConfig(n=2, temperature=g.temperature, top_p=g.top_p,
-                                                 max_new_tokens=g.max_new_tokens, seed=cfg.run.seed * 100 + 1))
-    write_parquet(out / "generations.parquet", {
+                                                 max_new_tokens=g.max_new_tokens, seed=cfg.run.seed * 100 + it))
+    write_parquet(out / f"generations_{it}.parquet", {
         "prompt": [x1[s.prompt_index] for s in seqs], "prompt_ids": [s.prompt_ids for s in seqs],
         "response_ids": [s.response_ids for s in seqs], "text": [s.text for s in seqs]})
     times["generate"] = time.perf_counter() - t
@@ -188,21 +239,22 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
         cols["rejected"].append(lo.text)
     cols["gold_chosen"] = task.score_many(cols["prompt"], cols["chosen"])
     cols["gold_rejected"] = task.score_many(cols["prompt"], cols["rejected"])
-    write_parquet(out / "pairs.parquet", cols)
+    write_parquet(out / f"pairs_{it}.parquet", cols)
     times["judge"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    reference = load_causal_lm(pi_0, dtype="auto", device="cpu")  # init = ref = pi_0
+    reference = copy.deepcopy(policy)  # init = ref = pi_{t-1}
     reference.requires_grad_(False)
     reference.eval()
     policy.train()
     plan = BatchPlan(num_pairs=len(cols["prompt_ids"]), global_batch_size=tr.global_batch_size,
                      micro_batch_size=tr.micro_batch_size, world_size=1, epochs=tr.iteration_epochs,
-                     seed=cfg.run.seed * 100 + 1)
+                     seed=cfg.run.seed * 100 + it)
+    torch.manual_seed(plan.seed * 7919)  # as the trainer's rank 0 seeds each stage
     opt = torch.optim.AdamW(policy.parameters(), lr=tr.learning_rate, weight_decay=tr.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(tr.warmup_ratio * plan.total_steps), plan.total_steps)
     window = ConfidenceWindow(tr.confidence_window, tr.k_percent, tr.denoise_warmup)
-    lam = lambda_for_iteration(1, first=tr.lambda_first)
+    lam = lambda_for_iteration(it, first=tr.lambda_first)
 
     def seq(p, y):
         ids = list(p) + list(y)
@@ -226,8 +278,8 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
         sched.step()
         opt.zero_grad(set_to_none=True)
     policy.eval()
-    policy.save_pretrained(out / "pi_1", safe_serialization=True)
-    tok.save_pretrained(out / "pi_1")
+    policy.save_pretrained(out / f"pi_{it}", safe_serialization=True)
+    tok.save_pretrained(out / f"pi_{it}")
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -239,8 +291,7 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
     base = read_parquet(run_dir / "eval" / "baseline" / "samples.parquet")
     times["win_rate"] = gold_win_rate(mine, base["gold"])
     times["evaluate"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t0
-    return times
+    return policy
 
 
 def main(argv=None) -> int:
@@ -250,6 +301,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="|X_1| (default: the embedded default, 1,000)")
     ap.add_argument("--root", type=Path, default=None, help="where the base and per-round runs live")
     ap.add_argument("--two-actors", action="store_true", help="also time Ray with 2 generators and 2 judges")
+    ap.add_argument("--iterations", type=int, default=2,
+                    help="SPA iterations per job; the stage columns are the last (warm) iteration's")
+    ap.add_argument("--seq-threads", default="1,2",
+                    help="torch threads of the sequential side, one side each; the best is the baseline")
     args = ap.parse_args(argv)
     if args.device != "cpu":
         bc.log("note: --device cuda places the Ray actors on GPUs via placement; the sequential side stays on CPU")
@@ -276,10 +331,15 @@ def main(argv=None) -> int:
                 raise
     try:
         config = ensure_base(args, root)
-        sides = {
-            "ray_default": lambda k: ray_iteration(args, root, f"ray_default_{k}", []),
-            "sequential": lambda k: sequential_iteration(args, root, f"sequential_{k}", config),
-        }
+        sides = {"ray_default": lambda k: ray_iteration(args, root, f"ray_default_{k}", [])}
+        for n in [int(x) for x in args.seq_threads.split(",")]:
+            def sequential(k, n=n):
+                bc.set_threads(n)
+                try:
+                    return sequential_iteration(args, root, f"sequential_{n}t_{k}", config)
+                finally:
+                    bc.set_threads(threads)
+            sides[f"sequential_{n}t"] = sequential
         if args.two_actors:
             two = ["placement.generators.count=2", "placement.judges.count=2"]
             sides["ray_2actors"] = lambda k: ray_iteration(args, root, f"ray_2actors_{k}", two)
@@ -294,24 +354,40 @@ def main(argv=None) -> int:
         ray.shutdown()
 
     info = bc.header("e2e", threads, args.device, {
-        "x1_prompts": args.prompts or 1000, "rounds": args.reps,
+        "x_t_prompts": args.prompts or 1000, "rounds": args.reps, "iterations": args.iterations,
         "base": "embedded default; seed DPO 1 epoch; judge.health_floor 0",
         "cores": os.cpu_count(), "loadavg_end": bc.loadavg(),
     })
-    seq_total = bc.med([r["total"] for r in results["sequential"]])
+    seq_sides = [n for n in names if n.startswith("sequential")]
+    best_seq = min(seq_sides, key=lambda n: bc.med([r["total"] for r in results[n]]))
+    seq_total = bc.med([r["total"] for r in results[best_seq]])
+    its = [f"iter{i}_s" for i in range(1, args.iterations + 1)]
     rows = []
     for s in names:
         rs = results[s]
         totals = [r["total"] for r in rs]
-        row = {"side": s, "threads_per_process": threads, "total_s_median": bc.med(totals),
-               "total_s_range": bc.spread(totals), "speed_vs_sequential": seq_total / bc.med(totals)}
+        row = {"side": s, "total_s_median": bc.med(totals), "total_s_range": bc.spread(totals),
+               "speed_vs_best_sequential": seq_total / bc.med(totals)}
+        for key in its:
+            row[key] = bc.med([r[key] for r in rs])
         for st in STAGES:
             row[f"{st}_s"] = bc.med([r[st] for r in rs])
-        row["win_rate_pi1"] = bc.med([r["win_rate"] for r in rs])
+        for st in STAGES:  # what the distribution adds to each stage, against the best sequential loop
+            row[f"{st}_over_seq_s"] = row[f"{st}_s"] - bc.med([r[st] for r in results[best_seq]])
+        if s.startswith("ray"):
+            row["train_steps_s"] = bc.med([r["train_steps_s"] for r in rs])
+            row["train_fixed_s"] = bc.med([r["train_fixed_s"] for r in rs])
+            row["train_from_memory"] = min(r["train_from_memory"] for r in rs)
+        row["win_rate_last"] = bc.med([r["win_rate"] for r in rs])
+        row["final_checksum"] = rs[-1]["checksum"][:12]
+        row["same_final_weights_as_best_seq"] = all(r["checksum"] == results[best_seq][0]["checksum"] for r in rs)
         rows.append(row)
-    cols = ["side", "threads_per_process", "total_s_median", "total_s_range", "speed_vs_sequential"] + \
-        [f"{st}_s" for st in STAGES] + ["win_rate_pi1"]
-    bc.print_table("End to end: one SPA iteration, Ray actors vs one sequential process", info, rows, cols)
+    info["best_sequential"] = best_seq
+    cols = ["side", "total_s_median", "total_s_range", "speed_vs_best_sequential"] + its + \
+        [f"{st}_s" for st in STAGES] + [f"{st}_over_seq_s" for st in STAGES] + \
+        ["train_steps_s", "train_fixed_s", "train_from_memory", "win_rate_last", "final_checksum",
+         "same_final_weights_as_best_seq"]
+    bc.print_table("End to end: SPA iterations in one job, Ray actors vs one sequential process", info, rows, cols)
     bc.write_csv(args.out or bc.DEFAULT_OUT / ("e2e_toy.csv" if args.toy else "e2e.csv"), info, rows)
     return 0
 

@@ -25,6 +25,7 @@ from spa_ray.weights import (
     unpack_state_dict,
 )
 from spa_ray.pipeline.config import ActorGroup
+from spa_ray.weights.handle import publish_state_dict
 
 # ----------------------------------------------------------------- pure helpers (no Ray)
 
@@ -184,3 +185,14 @@ def test_broadcast_load_error_falls_back_for_the_failing_actors_only(pools, ckpt
         broadcast_weights([gens, judges], ckpts[1], version=4, method="nccl")
     assert gens.state["version"] == 3
     gens.require_version(3)
+
+
+def test_broadcast_from_a_published_handle_reads_no_checkpoint(pools, ckpts, tmp_path):
+    """The trainer's published copy is sent as is: the checkpoint folder is not read (here
+    it holds other weights, so a read would show up as another checksum)."""
+    gens, judges = pools
+    handle = publish_state_dict(load_checkpoint_state_dict(ckpts[1])).at(str(ckpts[2]), 5)
+    report = broadcast_weights([gens, judges], ckpts[2], version=5, timeout_s=120, weights=handle)
+    assert report["from_memory"] and report["fallbacks"] == 0 and report["checksum"] == _checksum(ckpts[1])
+    assert [(a["version"], a["checksum"], a["path"]) for a in report["actors"]] == [(5, _checksum(ckpts[1]), "object_store")] * 3
+

@@ -73,10 +73,16 @@ def test_bench_generation_toy(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_bench_e2e_toy(tiny_model, tmp_path):
     stdout, rows = run_script(
-        "bench_e2e", ["--model", tiny_model, "--reps", "1", "--prompts", "8", "--root", str(tmp_path / "runs")],
+        "bench_e2e", ["--model", tiny_model, "--reps", "1", "--prompts", "8", "--seq-threads", "1",
+                      "--root", str(tmp_path / "runs")],
         tmp_path, timeout=1800,
     )
-    assert {r["side"] for r in rows} == {"ray_default", "sequential"}
+    assert [r["side"] for r in rows] == ["ray_default", "sequential_1t"]
+    ray_row = rows[0]
+    # iteration 2's training stage started from the trainer's memory, on the group iteration 1 started
+    assert float(ray_row["train_from_memory"]) == 1.0
+    assert 0 < float(ray_row["train_steps_s"]) < float(ray_row["train_s"])
+    assert float(ray_row["iter1_s"]) > 0 and float(ray_row["iter2_s"]) > 0
 
 
 def test_group_by_length_keeps_each_steps_pairs_and_sizes():

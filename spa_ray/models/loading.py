@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -134,6 +135,23 @@ def load_causal_lm(
         raise ModelLoadError(
             f"could not load a causal LM from {path!r} (safetensors weights required): {exc}"
         ) from exc
+    model.to(device)
+    model.eval()
+    return model
+
+
+def build_causal_lm(
+    model_class: type,
+    config: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+):
+    """The model ``load_causal_lm`` would give for a folder holding ``config`` and
+    ``state_dict``, built from memory (the trainer's warm stages); the tensors are copied."""
+    state = {k: v.clone() for k, v in state_dict.items()}  # object-store views are read-only
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=resolve_dtype(dtype),
+                                        use_safetensors=True)  # no file is read; the audit wants it said
     model.to(device)
     model.eval()
     return model

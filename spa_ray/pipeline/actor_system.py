@@ -114,9 +114,11 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
 
 
 class ActorSystem:
-    def __init__(self, config: SPAConfig, pi_init: str):
+    def __init__(self, config: SPAConfig, pi_init: str, weights_in_memory: dict | None = None):
         self.config = config
         self.pi_init = pi_init
+        # checkpoint path -> WeightsHandle (the trainer's published copy): broadcast without a disk read
+        self.weights_in_memory = weights_in_memory if weights_in_memory is not None else {}
         self.generators: ShardedActors | None = None
         self.judges: ShardedActors | None = None
         self._judge_reference: str | None = None  # the reference the judge pool holds
@@ -158,11 +160,14 @@ class ActorSystem:
         stale = [p for p in (self.generators, self.judges) if p is not None and p.state["version"] != version]
         if stale:
             sync = self.config.weight_sync
-            report = broadcast_weights(stale, path, version, method=sync.method, timeout_s=sync.timeout_s)
+            handle = self.weights_in_memory.get(str(path))
+            report = broadcast_weights(stale, path, version, method=sync.method, timeout_s=sync.timeout_s,
+                                       weights=handle if handle is not None and handle.version == version else None)
             self.reports.append(report)
             print(
                 f"spa-ray: weights v{version} -> {sum(len(p) for p in stale)} actors via {report['method']} "
-                f"in {report['seconds']:.2f}s ({report['bytes'] / 1e6:.1f} MB, {report['fallbacks']} fallbacks)",
+                f"in {report['seconds']:.2f}s ({report['bytes'] / 1e6:.1f} MB from "
+                f"{'memory' if report['from_memory'] else 'the checkpoint'}, {report['fallbacks']} fallbacks)",
                 flush=True,
             )
         for pool in (self.generators, self.judges):

@@ -68,6 +68,10 @@ class Run:
         check_model_folder(self.pi_init)  # safetensors weights, before any stage starts
         self.telemetry = Telemetry(self.dir, config.run.name)
         self._actors: Any = None
+        self._trainer: Any = None
+        # checkpoint path -> WeightsHandle of the same tensors in Ray's object store (the newest
+        # policy only): the trainer starts the next stage from it, the broadcast sends it
+        self.weights_in_memory: dict[str, Any] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -93,6 +97,8 @@ class Run:
             run.telemetry.close()
             if run._actors is not None:
                 run._actors.shutdown()
+            if run._trainer is not None:
+                run._trainer.shutdown()
             if started:
                 ray.shutdown()
 
@@ -137,8 +143,24 @@ class Run:
         if self._actors is None:
             from spa_ray.pipeline.actor_system import ActorSystem
 
-            self._actors = ActorSystem(self.config, self.pi_init)
+            self._actors = ActorSystem(self.config, self.pi_init, self.weights_in_memory)
         return self._actors
+
+    @property
+    def trainer(self):
+        """The Ray Train worker group, started at the first training stage and kept for the job."""
+        if self._trainer is None:
+            from spa_ray.training.trainer_group import TrainerGroup
+
+            self._trainer = TrainerGroup(self.config.placement.trainer, self.dir.path / "ray_train")
+        return self._trainer
+
+    def publish(self, path: str, version: int, weights: Any) -> None:
+        """``weights`` (a WeightsHandle, or None) hold the checkpoint at ``path`` as ``version``;
+        only the newest is kept, so the object store frees the one before."""
+        self.weights_in_memory.clear()
+        if weights is not None:
+            self.weights_in_memory[str(path)] = weights.at(str(path), version)
 
 
 # ------------------------------------------------------------------------- stages
@@ -428,8 +450,9 @@ def _gold_scores(run: Run, prompts: list[str], *responses: list[str]) -> tuple[l
 
 def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
     """t = 0: DPO on the seed (3 epochs). t >= 1: refined DPO (Eq. 9-12), init = ref = pi_{t-1}."""
+    import dataclasses
+
     from spa_ray.objectives.noise_detection import lambda_for_iteration
-    from spa_ray.training.ray_trainer import run_train_stage
     from spa_ray.training.worker import TrainStageSpec
 
     stage = f"train_{t}"
@@ -471,15 +494,27 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
         from spa_ray.variants.stage import prepare_variant_stage
 
         spec = prepare_variant_stage(run, t, spec, out)  # unchanged for variant.name=spa (README "Variants")
+        warm = run.weights_in_memory  # the trainer's ranks still hold pi_{t-1}: no folder read
+        spec = dataclasses.replace(
+            spec,
+            policy_checksum=getattr(warm.get(spec.policy_path), "checksum", None),
+            reference_checksum=getattr(warm.get(spec.reference_path), "checksum", None),
+        )
         started = time.time()
-        run_train_stage(spec, run.config.placement.trainer, run.dir.path / "ray_train")
+        result = run.trainer.train_stage(spec)
         log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
         for record in log:
             run.telemetry.train_step(stage, record)
         flagged = _flag_quality(out, pairs)
         if t >= 1:
             _write_labelled_pairs(run, t, out, pairs)
-    run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=spec.refine, lam=spec.lam, **flagged)
+    # recorded in the ledger and whole on disk: now the generators and judges may take it
+    run.publish(run.checkpoint(t), t + 1, result.weights)
+    timing = dict(step_seconds=result.step_seconds, fixed_seconds=result.fixed_seconds, attempts=result.attempts,
+                  from_memory=result.details["from_memory"], trainer_models_seconds=result.details["models_seconds"],
+                  trainer_setup_seconds=result.details["setup_seconds"], trainer_save_seconds=result.details["save_seconds"])
+    run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=spec.refine, lam=spec.lam,
+                        **timing, **flagged)
     return run.checkpoint(t)
 
 

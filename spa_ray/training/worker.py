@@ -1,21 +1,31 @@
-"""The per-worker training loop of the Ray Train group: seed DPO or SPA refined DPO.
+"""The per-worker side of the trainer group: a command loop, and one stage of (refined) DPO.
 
-Each worker holds the policy under DeepSpeed ZeRO (stage by config; gloo on CPU, NCCL on
-GPU) and a frozen reference. The loss itself is ``preference_step`` (pure torch); this
-file only adds what distribution needs: the data plan by rank, the confidence window
-gathered across ranks, gradient accumulation, step checkpoints that carry the optimizer,
-scheduler, window, RNG and data position, and the final Hugging Face folder gathered
-from ZeRO shards by rank 0.
+``trainer_group_loop`` runs on every rank of the job's one Ray Train ``fit()``: it waits
+for stage commands from the driver (``StageMailbox``), runs each with ``run_stage`` and
+keeps the weights it saved in memory (``WarmWeights``), so the next stage -- whose init
+and reference are those weights, pi_{t-1} -- starts without reading them back from disk.
+
+``run_stage`` holds the policy under DeepSpeed ZeRO (stage by config; gloo on CPU, NCCL
+on GPU) and a frozen reference, each stage with a fresh optimizer, schedule and engine.
+The loss itself is ``preference_step`` (pure torch); this file only adds what
+distribution needs: the data plan by rank, the confidence window gathered across ranks,
+gradient accumulation, step checkpoints that carry the optimizer, scheduler, window, RNG
+and data position (tagged with their command, so a stage never resumes from another
+stage's), and the final Hugging Face folder gathered from ZeRO shards by rank 0, which
+rank 0 also publishes to Ray's object store (``WeightsHandle``).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,11 @@ class TrainStageSpec:
     trust_remote_code: bool = False
     variant: dict | None = None  # resolved by spa_ray.variants.stage; None = SPA (README "Variants")
     fail_at_step: int = -1  # tests only: the last rank raises once at this step (fault injection)
+    # the weights the driver knows this group holds in memory (their checksum): a rank whose
+    # warm weights match builds the model from them instead of reading the folder
+    policy_checksum: str | None = None
+    reference_checksum: str | None = None
+    command: str = ""  # set by the trainer group: tags step checkpoints with their stage command
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,8 +112,100 @@ def _stop_on_nonfinite(marker: Path, stage: str, step: int, rank: int, what: str
     raise NonFiniteLossError(message) from None
 
 
-def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker."""
+@dataclass
+class WarmWeights:
+    """What one rank keeps between stages: the last weights it saved, as published."""
+
+    checksum: str | None = None
+    ref: Any = None              # ObjectRef of the PackedStateDict rank 0 put (see WeightsHandle)
+    model_class: Any = None
+    model_config: Any = None
+    tokenizer: Any = None
+
+    def model(self, checksum: str | None, dtype: str, device: Any):
+        """A fresh model holding the warm weights, or None when ``checksum`` is not theirs."""
+        if checksum is None or checksum != self.checksum:
+            return None
+        import ray
+
+        from spa_ray.models.loading import build_causal_lm
+        from spa_ray.weights.packing import unpack_state_dict
+
+        try:
+            state = unpack_state_dict(ray.get(self.ref, timeout=600))
+        except Exception:  # e.g. the owner (an earlier rank 0) is gone: read the folder instead
+            return None
+        return build_causal_lm(self.model_class, self.model_config, state, dtype=dtype, device=device)
+
+
+@dataclass
+class StageContext:
+    rank: int
+    world: int
+    device: Any
+    warm: WarmWeights = field(default_factory=WarmWeights)
+
+
+def trainer_group_loop(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker for the whole job: run stage commands until stopped.
+
+    ``config``: {"mailbox": StageMailbox handle, "token": this group's id}. A rank never
+    waits inside a collective between stages (it polls the mailbox), so idle time is
+    not bounded by the process group's timeout.
+    """
+    import ray
+    import ray.train
+
+    mailbox, token = config["mailbox"], config["token"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ctx = StageContext(rank, world, device)
+    if rank == 0:
+        ray.get(mailbox.group_started.remote())
+    after = -1
+    while True:
+        command = ray.get(mailbox.next_command.remote(after))
+        if command is None:
+            continue
+        if command["kind"] == "stop":
+            return
+        proceed = ray.get(mailbox.begin.remote(command["id"])) if rank == 0 else None
+        proceed = _from_rank0(proceed, world)
+        after = command["id"]
+        if not proceed:  # failed: its budget is spent
+            continue
+        spec = TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"})
+        try:
+            outcome = run_stage(spec, ctx)
+        except BaseException as exc:
+            fatal = isinstance(exc, NonFiniteLossError)
+            detail = str(exc) if fatal else "".join(traceback.format_exception(exc))[-4000:]
+            ray.get(mailbox.fail.remote(command["id"], rank, detail, fatal=fatal))
+            raise
+        if rank == 0:
+            ray.get(mailbox.complete.remote(command["id"], outcome))
+            handle = outcome["weights"]
+        else:  # the ref arrives through the mailbox, so that Ray counts this rank as a borrower
+            result = ray.get(mailbox.wait_result.remote(command["id"], 600.0))
+            handle = result.get("outcome", {}).get("weights")
+        if handle is not None:
+            ctx.warm.checksum, ctx.warm.ref = handle.checksum, handle.ref
+
+
+def _from_rank0(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank (a broadcast in the group's process group)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_stage(spec: TrainStageSpec, ctx: StageContext) -> dict[str, Any]:
+    """One training stage on this rank; rank 0 returns the outcome (weights handle, timings)."""
     # DeepSpeed may build an op below; a lock left by a killed build must not block it forever
     lock_watchdog = StaleLockWatchdog().start()
     import deepspeed
@@ -109,24 +216,37 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
     from spa_ray.models.loading import load_causal_lm, load_tokenizer
 
-    spec = TrainStageSpec(**spec_dict)
+    started = time.perf_counter()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     nonfinite_marker = Path(spec.output_dir) / ".nonfinite_loss"
     if nonfinite_marker.exists():  # a restart after a NaN/inf would only meet it again
         raise NonFiniteLossError(nonfinite_marker.read_text(encoding="utf-8"))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    warm = ctx.warm
+    policy = warm.model(spec.policy_checksum, spec.dtype, device)
+    from_memory = policy is not None
+    if from_memory:
+        tokenizer = warm.tokenizer
+    else:
+        tokenizer = load_tokenizer(spec.policy_path, trust_remote_code=spec.trust_remote_code,
+                                   require_chat_template=False)
+        policy = load_causal_lm(spec.policy_path, dtype=spec.dtype, device=device,
+                                trust_remote_code=spec.trust_remote_code)
+    reference = warm.model(spec.reference_checksum, spec.dtype, device)
+    if reference is None:
+        reference = load_causal_lm(
+            spec.reference_path, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code
+        )
+    # the warm weights are now held by the new models; the next stage publishes its own
+    ctx.warm = WarmWeights()
+    gc.collect()
+    # seeded after the models exist: building from memory and from disk leave the RNG alike
     torch.manual_seed(spec.seed * 7919 + rank)
     random.seed(spec.seed * 7919 + rank)
-
-    tokenizer = load_tokenizer(spec.policy_path, trust_remote_code=spec.trust_remote_code, require_chat_template=False)
-    policy = load_causal_lm(spec.policy_path, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
-    reference = load_causal_lm(
-        spec.reference_path, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code
-    )
     reference.requires_grad_(False)
     policy.train()
     use_bf16 = next(policy.parameters()).dtype == torch.bfloat16
+    models_seconds = time.perf_counter() - started
 
     table = read_pairs(spec.pairs_path)
     plan = BatchPlan(
@@ -184,6 +304,8 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         )
     lock_watchdog.stop()
     reference.eval()
+    setup_seconds = time.perf_counter() - started - models_seconds
+    step_seconds = 0.0
 
     window = ConfidenceWindow(
         size=spec.confidence_window,
@@ -199,7 +321,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                                gather=all_gather_1d if world > 1 else None)
 
     start_step = 0
-    restored = ray.train.get_checkpoint()
+    restored = _own_step_checkpoint(spec)
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag="latest_step")
@@ -281,12 +403,75 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
                                   **({"variant": variant.state_dict()} if variant is not None else {})}
                 )
                 torch.save({**_rng_state(), "flags": flags_rows}, Path(tmp) / f"rng_rank{rank}.pt")
+                (Path(tmp) / COMMAND_FILE).write_text(spec.command, encoding="utf-8")
                 ray.train.report(stats, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        step_seconds += time.time() - t0
 
     progress.close()
+    saving = time.perf_counter()
     _save_flags(spec, rank, world, flags_rows)
-    _save_final_model(engine, tokenizer, spec, rank)
-    ray.train.report({"done": 1.0, "total_steps": float(plan.total_steps)})
+    state = _save_final_model(engine, tokenizer, spec, rank)
+    outcome: dict[str, Any] = {}
+    if rank == 0:
+        from spa_ray.weights.handle import publish_state_dict
+
+        outcome["weights"] = publish_state_dict(_as_saved(state, Path(spec.output_dir)))
+    # what the next stage needs to build pi_t from memory; the tensors come from rank 0's handle
+    ctx.warm = WarmWeights(model_class=type(engine.module), model_config=engine.module.config, tokenizer=tokenizer)
+    del state, engine, optimizer, scheduler, reference, policy
+    gc.collect()
+    outcome.update(steps=plan.total_steps - start_step, step_seconds=step_seconds, models_seconds=models_seconds,
+                   setup_seconds=setup_seconds, save_seconds=time.perf_counter() - saving,
+                   seconds=time.perf_counter() - started, from_memory=from_memory, resumed_at_step=start_step,
+                   pid=os.getpid())
+    return outcome
+
+
+COMMAND_FILE = "command.txt"
+
+
+def _own_step_checkpoint(spec: TrainStageSpec):
+    """The group's latest step checkpoint if this stage command wrote it, else None.
+
+    In one long ``fit()`` Ray Train hands a restarted group its latest checkpoint, which
+    may belong to an earlier stage: only this command's own is resumed from.
+    """
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return None
+    with restored.as_directory() as folder:
+        tag = Path(folder, COMMAND_FILE)
+        mine = tag.exists() and tag.read_text(encoding="utf-8") == spec.command
+    return restored if mine else None
+
+
+def _as_saved(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """``state`` restricted to the tensors save_pretrained wrote (tied copies are dropped),
+    checked against the files' headers: the published weights must be the checkpoint's."""
+    from safetensors import safe_open
+
+    from spa_ray.models.loading import _safetensors_files
+
+    saved: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                meta = fh.get_slice(name)
+                t = state.get(name)
+                if t is None or list(t.shape) != list(meta.get_shape()) or _st_dtype(t.dtype) != meta.get_dtype():
+                    raise RuntimeError(f"{f}: tensor {name!r} as saved differs from the trained model's "
+                                       f"({None if t is None else (t.dtype, tuple(t.shape))}); not publishing it")
+                saved[name] = t.detach().to("cpu")
+    return saved
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    """safetensors' dtype code for a torch dtype (F32, BF16, ...)."""
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}.get(dtype, str(dtype))
 
 
 def _save_flags(spec: TrainStageSpec, rank: int, world: int, rows: list[tuple[int, int, float, float]]) -> None:
@@ -308,8 +493,11 @@ def _save_flags(spec: TrainStageSpec, rank: int, world: int, rows: list[tuple[in
         )
 
 
-def _save_final_model(engine: Any, tokenizer: Any, spec: TrainStageSpec, rank: int) -> None:
-    """Gather ZeRO shards (all ranks take part) and let rank 0 write a safetensors HF folder."""
+def _save_final_model(engine: Any, tokenizer: Any, spec: TrainStageSpec, rank: int) -> dict[str, torch.Tensor]:
+    """Gather ZeRO shards (all ranks take part) and let rank 0 write a safetensors HF folder,
+    fsynced (the driver records the stage once this returns). Returns the state on rank 0."""
+    from spa_ray.atomic_files import fsync_dir
+
     if spec.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -320,3 +508,9 @@ def _save_final_model(engine: Any, tokenizer: Any, spec: TrainStageSpec, rank: i
         model = engine.module
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        for f in out.iterdir():
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        fsync_dir(out)
+    return state

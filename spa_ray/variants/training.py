@@ -1,6 +1,6 @@
 """The trainer-worker side of a variant: its objective and the per-micro-batch extras.
 
-``train_loop_per_worker`` builds one ``TrainVariant`` from ``TrainStageSpec.variant``
+``worker.run_stage`` builds one ``TrainVariant`` from ``TrainStageSpec.variant``
 (None for SPA: the worker then runs exactly its SPA path). Per micro-batch it adds the
 pairs table's per-pair columns the objective reads (``pair_beta``, ``pair_win_prob``,
 ``pair_similarity``) and, for SSPO, a slice of the unpaired pool chosen as a pure

@@ -1,9 +1,10 @@
 """Bringing every generator and judge actor to a new weights version, with a fallback.
 
-``broadcast_weights(pools, checkpoint_dir, version, method, timeout_s)``:
+``broadcast_weights(pools, checkpoint_dir, version, method, timeout_s, weights=None)``:
 
-- ``object_store`` (CPU and GPU): the caller reads the safetensors checkpoint ONCE (CPU),
-  packs it as numpy arrays and ``ray.put``s it ONCE; every actor's ``load_weights`` gets
+- ``object_store`` (CPU and GPU): the trainer's published copy (``weights``, a
+  WeightsHandle) when the caller has one; else the caller reads the safetensors
+  checkpoint ONCE (CPU), packs it as numpy arrays and ``ray.put``s it ONCE; every actor's ``load_weights`` gets
   the same ObjectRef (same-node readers map it zero-copy) and verifies the checksum after
   loading. The calls are awaited with ``ray.wait(timeout=timeout_s)``.
 - ``nccl`` (GPU) and ``gloo`` (CPU), vLLM generators only: a sender actor loads the
@@ -94,8 +95,13 @@ def broadcast_weights(
     timeout_s: float = 600.0,
     fallback_timeout_s: float | None = None,
     sender_resources: dict | None = None,
+    weights: Any = None,
 ) -> dict[str, Any]:
     """Bring every actor of `pools` to the weights in `checkpoint_dir` as `version`.
+
+    ``weights``: a WeightsHandle of the same tensors already in the object store (the
+    trainer's rank 0 published them): the object-store route sends it instead of reading
+    the checkpoint. If its owner is gone, the actors fall back to the checkpoint.
 
     Returns {"version", "method", "checkpoint", "checksum", "bytes", "seconds",
     "fallbacks", "actors": [{pool, actor, version, checksum, node_id, path, seconds,
@@ -126,12 +132,15 @@ def broadcast_weights(
             rows[key] = {**info, "path": method, "seconds": secs}
         failed.update(bad)
         restart_first = {k for k, why in bad.items() if why.startswith("timed out")}
-    if store_keys:
+    if store_keys and weights is not None:  # from memory: no read of the checkpoint
+        ref, checksum, nbytes = weights.ref, weights.checksum, weights.nbytes
+    elif store_keys:
         sd = load_checkpoint_state_dict(checkpoint_dir)
         checksum = state_dict_checksum(sd)
         nbytes = state_dict_nbytes(sd)
         ref = ray.put(pack_state_dict(sd))
         del sd
+    if store_keys:
         calls = {
             pools[pi].actors[k].load_weights.remote(ref, version, checksum, checkpoint_dir): (pi, k)
             for pi, k in store_keys
@@ -183,6 +192,7 @@ def broadcast_weights(
         "bytes": int(nbytes),
         "seconds": time.perf_counter() - t0,
         "fallbacks": sum(a["path"] == CHECKPOINT_FALLBACK for a in actors),
+        "from_memory": bool(store_keys) and weights is not None,
         "actors": actors,
     }
 

@@ -1,0 +1,87 @@
+"""The trainer group that stays up for the whole job: stages are calls on one live group.
+
+Real parts: a local Ray cluster, one long Ray Train ``fit()`` in a driver thread with two
+DeepSpeed ZeRO-2 workers over gloo, the stage mailbox actor, tiny Llama folders.
+"""
+
+import json
+
+import pytest
+
+from _tiny_model import save_tiny_model_dir
+from spa_ray.models.loading import load_causal_lm, load_checkpoint_state_dict, state_dict_checksum
+from spa_ray.pipeline.config import ActorGroup
+from spa_ray.training.pairs_table import write_pairs
+from spa_ray.training.ray_trainer import run_train_stage
+from spa_ray.training.trainer_group import StageFailedError, TrainerGroup
+from test_training_ray import _pairs, _spec
+
+WORKERS = ActorGroup(count=2, num_cpus=1)
+SMALL = dict(epochs=1, global_batch_size=4, micro_batch_size=2)
+
+
+def _disk_checksum(folder):
+    return state_dict_checksum(load_checkpoint_state_dict(folder))
+
+
+@pytest.mark.timeout(1800)
+def test_two_stages_on_one_group_start_from_memory_and_equal_one_shot_stages(ray_local, tmp_path):
+    policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
+    write_pairs(tmp_path / "pairs.parquet", _pairs(24))
+    with TrainerGroup(WORKERS, tmp_path / "state") as group:
+        first = group.train_stage(_spec(tmp_path, policy, "first", **SMALL))
+        # the published weights are the checkpoint's tensors, byte for byte
+        assert first.weights.checksum == _disk_checksum(first.output_dir)
+        assert first.details["from_memory"] is False and first.attempts == 1
+        handle = first.weights
+        second = group.train_stage(_spec(tmp_path, first.output_dir, "second", policy_checksum=handle.checksum,
+                                         reference_checksum=handle.checksum, **SMALL))
+    assert second.details["from_memory"] is True, "pi_1 came from the ranks' memory, not its folder"
+    assert second.details["pid"] == first.details["pid"], "the same worker process ran both stages"
+    assert second.weights.checksum == _disk_checksum(second.output_dir)
+    assert second.step_seconds > 0 and second.fixed_seconds < second.seconds
+
+    # the same second stage from the folder, on a group of its own: the same weights
+    cold = run_train_stage(_spec(tmp_path, first.output_dir, "second_cold", **SMALL), WORKERS, tmp_path / "state")
+    assert _disk_checksum(cold) == second.weights.checksum
+    log_warm = [json.loads(x) for x in (second.output_dir / "train_log.jsonl").read_text().splitlines()]
+    log_cold = [json.loads(x) for x in (cold / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["lr"]) for r in log_warm] == [(r["loss"], r["lr"]) for r in log_cold]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_worker_failure_in_stage_two_resumes_from_its_own_step_checkpoint(ray_local, tmp_path):
+    """Stage 1 reports step checkpoints too; the restarted group must not resume stage 2
+    from one of them, but from stage 2's own, and end on the weights of a clean stage 2."""
+    policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0, attention_dropout=0.2)
+    write_pairs(tmp_path / "pairs.parquet", _pairs(40))
+    common = dict(checkpoint_every=3, epochs=1, global_batch_size=4, micro_batch_size=2)
+    with TrainerGroup(WORKERS, tmp_path / "state") as group:
+        first = group.train_stage(_spec(tmp_path, policy, "first", **common))
+        kw = dict(policy_checksum=first.weights.checksum, reference_checksum=first.weights.checksum, **common)
+        clean = group.train_stage(_spec(tmp_path, first.output_dir, "clean", **kw))
+        failed = group.train_stage(_spec(tmp_path, first.output_dir, "failed", fail_at_step=7, **kw))
+        assert (failed.output_dir / ".fault_failed").exists(), "the fault was injected"
+        assert failed.attempts == 2 and failed.details["resumed_at_step"] == 6
+        # the restart lost the ranks' memory: pi_1 came from its folder, with the same bytes
+        assert failed.details["from_memory"] is False
+        assert failed.weights.checksum == clean.weights.checksum == _disk_checksum(failed.output_dir)
+        steps = [json.loads(x)["step"] for x in (failed.output_dir / "train_log.jsonl").read_text().splitlines()]
+        assert steps == list(range(10))
+        # the group is still up for the next stage
+        after = group.train_stage(_spec(tmp_path, first.output_dir, "after", **common))
+        assert after.details["pid"] == failed.details["pid"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_stage_past_its_failure_budget_raises_and_the_group_serves_the_next(ray_local, tmp_path):
+    policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
+    write_pairs(tmp_path / "pairs.parquet", _pairs(16))
+    with TrainerGroup(WORKERS, tmp_path / "state", max_failures=0) as group:
+        with pytest.raises(StageFailedError, match=r"(?s)stage broken: 1 failed attempts .*injected worker failure at step 1"):
+            group.train_stage(_spec(tmp_path, policy, "broken", fail_at_step=1, **SMALL))
+        ok = group.train_stage(_spec(tmp_path, policy, "ok", **SMALL))
+    assert ok.attempts == 1 and ok.weights.checksum == _disk_checksum(ok.output_dir)
+    assert load_causal_lm(ok.output_dir) is not None
