@@ -95,6 +95,7 @@ def ray_iteration(args, root: Path, name: str, extra: list[str]) -> dict[str, fl
     with contextlib.redirect_stdout(sys.stderr), S.Run.open(config) as run:
         t0 = time.perf_counter()
         data = S.prepare_data(run)
+        run.start_trainer_early()  # as run_spa does
         pi = run.checkpoint(0)
         for it in range(1, args.iterations + 1):
             start = time.perf_counter()

@@ -37,12 +37,15 @@ def models(tmp_path_factory):
     return save_tiny_model_dir(root / "pi_init", seed=0), save_tiny_model_dir(root / "pi_0", seed=1)
 
 
-def _open(root, name, pi_init):
+def _open(root, name, pi_init, stream=False):
+    """stream=False: judge_1 labels after gen_1 (its own stage to kill in); True: the judges
+    label during gen_1 (judge.stream)."""
     return Run.open(load_config(None, [
         f"run.root={root}", f"run.name={name}", f"model.name_or_path={pi_init}",
         "data.task=spa_ray.tasks.ultrafeedback:UltraFeedbackTask", f"data.task_kwargs={{dataset: '{FIXTURE}'}}",
         "generation.max_new_tokens=24", "generation.batch_size=8", "judge.max_tokens_per_batch=48",
         "placement.generators={count: 2, num_cpus: 0.25}", "placement.judges={count: 2, num_cpus: 0.25}",
+        f"judge.stream={str(stream).lower()}",
     ]))
 
 
@@ -138,3 +141,28 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
         assert labelled == clean_pairs
     print(f"spa-ray reliability: generator kill {gen_kill}, judge kill {judge_kill}, "
           f"{len(keys)} generations, {len(labelled['prompt'])} pairs + {info['ties']} ties")
+
+
+@pytest.mark.slow
+def test_judge_killed_while_labelling_streamed_into_generation_gives_the_uninterrupted_pairs(
+        ray_local, tmp_path, models):
+    """judge.stream: the judges label during gen_1; one of them is killed then. gen_1's rows
+    and judge_1's pairs equal those of the same stages without streaming and without a kill."""
+    pi_init, pi_0 = models
+    with _open(tmp_path, "staged", pi_init) as run:
+        path = _with_pi_0(run, pi_0)
+        _put_pi_0_on_generators(run, path)
+        gens, gen_seconds = _timed(lambda: generate_responses(run, 1, PROMPTS))
+        clean_gens = pq.read_table(gens).to_pydict()
+        clean_pairs = pq.read_table(judge_pairs(run, 1, gens)).to_pydict()
+
+    with _open(tmp_path, "streamed", pi_init, stream=True) as run:
+        path = _with_pi_0(run, pi_0)
+        _put_pi_0_on_generators(run, path)
+        run.actors.label(1, path, run.pi_init, _first_pair(clean_gens))  # the judge pool exists, on pi_0
+        gens, judge_kill = _stage_with_kill(lambda: generate_responses(run, 1, PROMPTS), lambda: run.actors.judges,
+                                            random.Random(KILL_SEED), gen_seconds)
+        assert pq.read_table(gens).to_pydict() == clean_gens
+        assert 1 in run.labels_ahead  # labelled during gen_1, the kill included
+        assert pq.read_table(judge_pairs(run, 1, gens)).to_pydict() == clean_pairs
+    print(f"spa-ray reliability: judge kill during streamed labelling {judge_kill}")

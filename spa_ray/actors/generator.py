@@ -219,11 +219,16 @@ def generate_rows(pool, prompts: list[str], sampling: Mapping | SamplingConfig) 
         "generate", prompts, index_arg="first_index",
         shard_kwargs={"occurrences": prompt_occurrences(prompts)}, sampling=dict(sampling),
     )
-    expected = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    check_generation_rows(rows, len(prompts), n, pool.name)
+    return rows
+
+
+def check_generation_rows(rows: list[dict], num_prompts: int, n: int, pool_name: str) -> None:
+    """RuntimeError unless every prompt came back exactly ``n`` times, in prompt order."""
+    expected = [(i, j) for i in range(num_prompts) for j in range(n)]
     got = [(r["prompt_index"], r["sample_index"]) for r in rows]
     if got != expected:
         raise RuntimeError(
-            f"generation over {pool.name} returned {len(rows)} rows, expected {len(expected)} "
+            f"generation over {pool_name} returned {len(rows)} rows, expected {len(expected)} "
             "(each prompt exactly n times, in prompt order)"
         )
-    return rows

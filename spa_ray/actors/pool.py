@@ -33,7 +33,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from spa_ray.weights.errors import StaleWeightsError
 from spa_ray.config.placement import ActorGroup
 
-__all__ = ["ShardedActors", "contiguous_shards", "StageFailedError"]
+__all__ = ["ShardedActors", "ShardedCall", "contiguous_shards", "StageFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,59 +226,14 @@ class ShardedActors:
         order. An actor dying mid-call is handled as described in the module docstring.
         """
         items = list(items)
-        per_item = {k: list(v) for k, v in (shard_kwargs or {}).items()}
-        for k, v in per_item.items():
+        for k, v in (shard_kwargs or {}).items():
             if len(v) != len(items):
                 raise ValueError(f"shard_kwargs[{k!r}] has {len(v)} entries for {len(items)} items")
-        # Several shards per actor: finer progress, and a fast actor is not idle while a slow one works.
-        shards = contiguous_shards(len(items), len(self.actors) * max(1, self.shards_per_actor))
-        results: list[list | None] = [None] * len(shards)
-        pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (shard, actor, attempt)
-
-        def call(k: int, actor: int, attempt: int) -> None:
-            start, stop = shards[k]
-            kw = dict(kwargs)
-            if index_arg is not None:
-                kw[index_arg] = start
-            for name, values in per_item.items():
-                kw[name] = values[start:stop]
-            pending[self._submit(actor, method, (items[start:stop],), kw)] = (k, actor, attempt)
-
-        for k, (start, stop) in enumerate(shards):
-            if stop > start:
-                call(k, k % len(self.actors), 1)
-            else:
-                results[k] = []
-        died: set[int] = set()
-        progress = tqdm(total=len(items), desc=f"{self.name}.{method}", unit="item", disable=not self.progress)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            k, actor, attempt = pending.pop(ref)
-            try:
-                out = ray.get(ref)
-            except RayActorError as exc:
-                if attempt >= self.max_shard_attempts:
-                    raise StageFailedError(
-                        f"pool {self.name!r}: shard {k} ({method}, items {shards[k][0]}:{shards[k][1]}) "
-                        f"failed {attempt} times; last on {self.labels[actor]}: {exc}"
-                    ) from exc
-                died.add(actor)
-                nxt = self._live_actor(actor)
-                logger.warning(
-                    "%s died during %s (shard %d, attempt %d): retrying on %s after re-syncing its weights",
-                    self.labels[actor], method, k, attempt, self.labels[nxt],
-                )
-                call(k, nxt, attempt + 1)  # call_synced re-syncs the weights first
-                continue
-            if not isinstance(out, list):
-                raise TypeError(f"{self.labels[actor]}.{method} returned {type(out).__name__}, expected a list")
-            results[k] = out
-            progress.update(shards[k][1] - shards[k][0])
-        progress.close()
-        for k in sorted(died):  # bring restarted actors back to the current weights now
-            self._resync_one(k)
-        return [x for part in results for x in part]
+        call = ShardedCall(self, method, len(items), index_arg=index_arg, **kwargs)
+        for k in range(len(call.shards)):
+            call.submit(k, items, shard_kwargs)
+        call.run_to_end()
+        return call.collect()
 
     def call_all(self, method: str, *args, **kwargs) -> list:
         """``method(*args, **kwargs)`` on every actor (weights synced first); results in actor order."""
@@ -288,3 +243,86 @@ class ShardedActors:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+class ShardedCall:
+    """One sharded stage call on a pool, submitted shard by shard and collected as shards finish.
+
+    The shards are ``contiguous_shards(num_items, actors x shards_per_actor)``: a call fed
+    shard by shard (``submit``) computes each shard on the same items as ``map_shards`` does,
+    so streaming work into a pool (e.g. judging each shard as soon as its generations exist)
+    gives the same results. ``handle(ref)`` takes one finished call: it stores the result and
+    returns the shard index, or resubmits the shard after an actor died (None).
+    """
+
+    def __init__(self, pool: ShardedActors, method: str, num_items: int, *, index_arg: str | None = None, **kwargs):
+        self.pool, self.method, self.index_arg, self.kwargs = pool, method, index_arg, kwargs
+        self.shards = contiguous_shards(num_items, len(pool.actors) * max(1, pool.shards_per_actor))
+        self.results: list[list | None] = [None] * len(self.shards)
+        self.pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (shard, actor, attempt)
+        self._calls: dict[int, tuple[tuple, dict]] = {}
+        self.died: set[int] = set()
+        self.progress = tqdm(total=num_items, desc=f"{pool.name}.{method}", unit="item", disable=not pool.progress)
+
+    def submit(self, k: int, items: Sequence, shard_kwargs: dict[str, Sequence] | None = None) -> None:
+        """Shard ``k`` of ``items`` (the whole item list, or any list indexed like it)."""
+        start, stop = self.shards[k]
+        if stop <= start:
+            self.results[k] = []
+            return
+        kw = dict(self.kwargs)
+        if self.index_arg is not None:
+            kw[self.index_arg] = start
+        for name, values in (shard_kwargs or {}).items():
+            if len(values) < stop:
+                raise ValueError(f"shard_kwargs[{name!r}] has {len(values)} entries, shard {k} needs {stop}")
+            kw[name] = list(values[start:stop])
+        self._calls[k] = ((list(items[start:stop]),), kw)
+        self._call(k, k % len(self.pool.actors), 1)
+
+    def _call(self, k: int, actor: int, attempt: int) -> None:
+        args, kw = self._calls[k]
+        self.pending[self.pool._submit(actor, self.method, args, kw)] = (k, actor, attempt)
+
+    def handle(self, ref) -> int | None:
+        k, actor, attempt = self.pending.pop(ref)
+        try:
+            out = ray.get(ref)
+        except RayActorError as exc:
+            if attempt >= self.pool.max_shard_attempts:
+                raise StageFailedError(
+                    f"pool {self.pool.name!r}: shard {k} ({self.method}, items {self.shards[k][0]}:{self.shards[k][1]}) "
+                    f"failed {attempt} times; last on {self.pool.labels[actor]}: {exc}"
+                ) from exc
+            self.died.add(actor)
+            nxt = self.pool._live_actor(actor)
+            logger.warning(
+                "%s died during %s (shard %d, attempt %d): retrying on %s after re-syncing its weights",
+                self.pool.labels[actor], self.method, k, attempt, self.pool.labels[nxt],
+            )
+            self._call(k, nxt, attempt + 1)  # call_synced re-syncs the weights first
+            return None
+        if not isinstance(out, list):
+            raise TypeError(f"{self.pool.labels[actor]}.{self.method} returned {type(out).__name__}, expected a list")
+        self.results[k] = out
+        self.progress.update(self.shards[k][1] - self.shards[k][0])
+        return k
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.results)
+
+    def run_to_end(self) -> None:
+        """Wait for every submitted shard."""
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1)
+            self.handle(ready[0])
+
+    def collect(self) -> list:
+        """The shards' results in item order; restarted actors are re-synced first."""
+        self.progress.close()
+        if not self.done:
+            raise RuntimeError(f"pool {self.pool.name!r}: {self.method}: shards left unsubmitted or unfinished")
+        for k in sorted(self.died):  # bring restarted actors back to the current weights now
+            self.pool._resync_one(k)
+        return [x for part in self.results for x in part]

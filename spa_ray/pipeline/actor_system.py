@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from spa_ray.actors.generator import GeneratorActor, generate_rows
+from collections.abc import Callable
+
+import ray
+
+from spa_ray.actors.generator import GeneratorActor, check_generation_rows, generate_rows
 from spa_ray.actors.judge import JudgeActor, label_rows
-from spa_ray.actors.pool import ShardedActors
+from spa_ray.actors.pool import ShardedActors, ShardedCall
+from spa_ray.generation.base import SamplingConfig, prompt_occurrences
 from spa_ray.weights.broadcast import broadcast_weights
 from spa_ray.pipeline.config import ConfigError, SPAConfig
 
@@ -184,6 +189,10 @@ class ActorSystem:
 
     def label(self, t: int, policy_path: str, previous_path: str, rows: list[dict]) -> list[dict]:
         """Eq. 7-8 labels by pi_{t-1} (version t) against the configured judge reference."""
+        return label_rows(self._judges_for(t, policy_path, previous_path), rows)
+
+    def _judges_for(self, t: int, policy_path: str, previous_path: str) -> ShardedActors:
+        """The judge pool on pi_{t-1} (version t) and the configured reference."""
         reference = {"init": self.pi_init, "previous": previous_path, "none": None}[self.config.judge.reference]
         if self.judges is None:
             self.judges = self._new_judges(t, policy_path, reference)
@@ -192,7 +201,46 @@ class ActorSystem:
         if reference != self._judge_reference:
             self.judges.set_reference(reference)
             self._judge_reference = reference
-        return label_rows(self.judges, rows)
+        return self.judges
+
+    def generate_and_label(self, t: int, policy_path: str, previous_path: str, prompts: list[str], sampling: dict,
+                           pair_rows: Callable[[list[dict]], list[dict]]) -> tuple[list[dict], list[dict]]:
+        """``generate`` with pi_{t-1}, and ``label`` of the pairs ``pair_rows`` makes of them
+        (one row per prompt), each judge shard sent as soon as the samples of its prompts
+        exist: the judges work while the generators still sample. The judge shards are
+        those ``label`` would use, so the labels are the same as labelling afterwards."""
+        if self.generators is None:
+            self.generators = self._new_generators(t, policy_path)
+        judges = self._judges_for(t, policy_path, previous_path)  # syncs the generators too
+        prompts = list(prompts)
+        generating = ShardedCall(self.generators, "generate", len(prompts), index_arg="first_index",
+                                 sampling=dict(sampling))
+        occurrences = prompt_occurrences(prompts)
+        for k in range(len(generating.shards)):
+            generating.submit(k, prompts, {"occurrences": occurrences})
+        labelling = ShardedCall(judges, "label", len(prompts))
+        samples: list[list[dict] | None] = [None] * len(prompts)  # per prompt, once its shard is back
+        judge_rows: list[dict | None] = [None] * len(prompts)
+        sent: set[int] = set()
+        while generating.pending or labelling.pending:
+            ready, _ = ray.wait(list(generating.pending) + list(labelling.pending), num_returns=1)
+            if ready[0] not in generating.pending:
+                labelling.handle(ready[0])
+                continue
+            k = generating.handle(ready[0])
+            if k is None:  # resubmitted after an actor died
+                continue
+            for row in generating.results[k]:
+                index = row["prompt_index"]
+                samples[index] = (samples[index] or []) + [row]
+            for j, (start, stop) in enumerate(labelling.shards):
+                if j not in sent and all(samples[i] is not None for i in range(start, stop)):
+                    judge_rows[start:stop] = pair_rows([r for i in range(start, stop) for r in samples[i]])
+                    labelling.submit(j, judge_rows)
+                    sent.add(j)
+        rows = generating.collect()
+        check_generation_rows(rows, len(prompts), SamplingConfig(**dict(sampling)).n, self.generators.name)
+        return rows, labelling.collect()
 
     def label_by_model(self, model_path: str, rows: list[dict]) -> list[dict]:
         """Labels by a trained judge (judge.kind reward_model / llm_as_judge): rows carry the text

@@ -136,6 +136,11 @@ class JudgeConfig:
         "log-probs and engine numerics differ from teacher-forced log pi.",
     )
     max_tokens_per_batch: int = field(8192, help="Token budget of one length-bucketed judge forward.")
+    stream: bool = field(
+        True,
+        help="Label each shard of pairs as soon as its samples exist, while generation goes on (implicit_reward "
+        "only); the labels equal those of labelling after generation.",
+    )
     health_floor: float = field(
         0.55, help="Stop before an iteration if the judge's accuracy on held-out gold seed pairs is below this."
     )
@@ -267,7 +272,7 @@ RESOURCE_SETTINGS = frozenset({
     "placement.trainer.resources", "placement.ray_address",
     "weight_sync",
     "generation.gpu_memory_utilization", "generation.tensor_parallel_size", "generation.engine_kwargs",
-    "judge.max_tokens_per_batch",
+    "judge.max_tokens_per_batch", "judge.stream",
     "training.noise_chunk_size", "training.checkpoint_every", "training.deepspeed",
 })
 

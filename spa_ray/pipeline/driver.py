@@ -35,6 +35,7 @@ def run_spa(config: SPAConfig) -> int:
     """Run (or resume) SPA as configured; returns the process exit code."""
     with Run.open(config) as run:
         data = prepare_data(run)                                  # splits, gold seed pairs D0, held-out gold pairs
+        run.start_trainer_early()                                 # the Ray Train group starts while pi_init is evaluated
         evaluate(run, policy=run.pi_init, version=0, name="init")  # pi_init's samples: the win-rate baseline
 
         pi_prev = train_policy(run, t=0, policy=run.pi_init, pairs=data.seed_pairs)  # pi_0 <- DPO(pi_init, D0)

@@ -72,6 +72,7 @@ class Run:
         # checkpoint path -> WeightsHandle of the same tensors in Ray's object store (the newest
         # policy only): the trainer starts the next stage from it, the broadcast sends it
         self.weights_in_memory: dict[str, Any] = {}
+        self.labels_ahead: dict[int, tuple[str, list[dict]]] = {}  # judge_t's labels, made during gen_t
 
     @classmethod
     @contextlib.contextmanager
@@ -154,6 +155,20 @@ class Run:
 
             self._trainer = TrainerGroup(self.config.placement.trainer, self.dir.path / "ray_train")
         return self._trainer
+
+    def start_trainer_early(self) -> None:
+        """Start the trainer group in the background when a training stage is left to run: its
+        start-up (processes, imports, the process group) then overlaps the stages before it.
+        Called once the data is read and checked, so bad input starts nothing."""
+        iterations = self.config.run.iterations
+        if not all(self.dir.is_done(f"train_{t}") for t in range(iterations + 1)):
+            self.trainer.start()
+
+    def pause_trainer(self) -> None:
+        """Stop the trainer group so that a Ray task may use its CPUs/GPUs (judge models, teacher
+        annotators); the next training stage starts it again, from the checkpoints on disk."""
+        if self._trainer is not None:
+            self._trainer.shutdown()
 
     def publish(self, path: str, version: int, weights: Any) -> None:
         """``weights`` (a WeightsHandle, or None) hold the checkpoint at ``path`` as ``version``;
@@ -278,6 +293,7 @@ def prepare_judge_model(run: Run, data: PreparedData) -> str | None:
     if group.resources:
         options["resources"] = dict(group.resources)
     task = ray.remote(train_judge_model).options(**options)
+    run.pause_trainer()  # the task may need the CPUs/GPUs the trainer group holds
     started = time.time()
     with run.dir.stage_dir(stage, "judge_model", kind=kind, pairs=len(pairs)) as out:
         info = ray.get(task.remote(kind, run.pi_init, pairs, str(out), spec))
@@ -318,12 +334,19 @@ def check_judge_health(run: Run, t: int, data: PreparedData) -> float:
 
 
 def generate_responses(run: Run, t: int, prompts: list[str]) -> Path:
-    """Two samples per prompt of X_t from pi_{t-1} (temperature 0.7, <= 300 new tokens)."""
+    """Two samples per prompt of X_t from pi_{t-1} (temperature 0.7, <= 300 new tokens).
+
+    With judge.stream (the default for the implicit reward), the judges label each shard's
+    pairs while the generators sample the next; judge_t then only checks and records them."""
     stage = f"gen_{t}"
     final = run.dir.path / "data" / f"iter_{t}" / "generations" / "generations.parquet"
     if run.dir.is_done(stage):
         return final
-    rows = _sample(run, version=t, path=_policy_path(run, t - 1), prompts=prompts, seed=run.config.run.seed * 100 + t)
+    seed = run.config.run.seed * 100 + t
+    if run.config.judge.stream and run.config.judge.kind == "implicit_reward":
+        rows = _sample_and_label(run, t, prompts, seed)  # judge_t then finds its labels ready
+    else:
+        rows = _sample(run, version=t, path=_policy_path(run, t - 1), prompts=prompts, seed=seed)
     with run.dir.stage_dir(stage, "data", f"iter_{t}", "generations", rows=len(rows)) as out:
         write_parquet(out / "generations.parquet", _columns(rows))
     run.telemetry.stage(stage, iteration=t, responses=len(rows))
@@ -346,20 +369,64 @@ def _judge(run: Run, t: int, rows: list[dict]) -> list[dict]:
 
 
 def _sample(run: Run, version: int, path: str, prompts: list[str], seed: int, n: int | None = None) -> list[dict]:
-    g = run.config.generation
-    sampling = {
-        "n": n or g.responses_per_prompt,
-        "temperature": g.temperature,
-        "top_p": g.top_p,
-        "max_new_tokens": g.max_new_tokens,
-        "seed": seed,
-    }
     started = time.time()
-    rows = run.actors.generate(version, path, prompts, sampling)
+    rows = run.actors.generate(version, path, prompts, _sampling(run, seed, n))
     seconds = max(time.time() - started, 1e-9)
     tokens = sum(len(r["response_ids"]) for r in rows)
     run.telemetry.gauge("tokens_per_second", tokens / seconds)
     return rows
+
+
+def _sample_and_label(run: Run, t: int, prompts: list[str], seed: int) -> list[dict]:
+    """``_sample`` for gen_t, with the judges labelling each shard's pairs as it arrives; the
+    labels wait in ``run.labels_ahead`` for judge_t, keyed by a digest of the rows labelled."""
+    reuse = run.config.judge.reuse_generator_logprobs
+    started = time.time()
+    rows, labels = run.actors.generate_and_label(
+        t, _policy_path(run, t - 1), _policy_path(run, t - 2), prompts, _sampling(run, seed),
+        pair_rows=lambda samples: _judge_rows(_columns(samples), reuse, where="the generator's samples")[1],
+    )
+    seconds = max(time.time() - started, 1e-9)
+    run.telemetry.gauge("tokens_per_second", sum(len(r["response_ids"]) for r in rows) / seconds)
+    judged = _judge_rows(_columns(rows), reuse, where="the generator's samples")[1]
+    run.labels_ahead = {t: (_rows_digest(judged), labels)}
+    return rows
+
+
+def _sampling(run: Run, seed: int, n: int | None = None) -> dict:
+    g = run.config.generation
+    return {"n": n or g.responses_per_prompt, "temperature": g.temperature, "top_p": g.top_p,
+            "max_new_tokens": g.max_new_tokens, "seed": seed}
+
+
+def _rows_digest(rows: list[dict]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _judge_rows(gen: dict[str, list], reuse_logprobs: bool, where: Any) -> tuple[list[tuple[int, int]], list[dict]]:
+    """The pairs to judge: each prompt's first two samples (by sample_index), as judge rows."""
+    by_prompt: dict[int, list[int]] = {}
+    for i, p in enumerate(gen["prompt_index"]):
+        by_prompt.setdefault(p, []).append(i)
+    order = [sorted(idx, key=lambda i: gen["sample_index"][i])[:2] for _, idx in sorted(by_prompt.items())]
+    rows = [
+        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b],
+         "prompt": gen["prompt"][a], "response_1": gen["text"][a], "response_2": gen["text"][b]}
+        for a, b in order
+    ]
+    if reuse_logprobs:
+        # Off by default: the engine's numerics (KV cache, padded batches, vLLM kernels)
+        # make these differ from a teacher-forced log pi, which is what Eq. 7 asks for.
+        if "policy_logp" not in gen:
+            raise RuntimeError(
+                f"judge.reuse_generator_logprobs=true, but {where} has no untempered log-probs "
+                "(policy_logp): its generator did not return them"
+            )
+        for row, (a, b) in zip(rows, order):
+            row["policy_logp_1"], row["policy_logp_2"] = gen["policy_logp"][a], gen["policy_logp"][b]
+    return order, rows
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -380,28 +447,12 @@ def judge_pairs(run: Run, t: int, generations: Path) -> Path:
     if run.dir.is_done(stage):
         return folder / "pairs.parquet"
     gen = read_parquet(generations)
-    by_prompt: dict[int, list[int]] = {}
-    for i, (p, s) in enumerate(zip(gen["prompt_index"], gen["sample_index"])):
-        by_prompt.setdefault(p, []).append(i)
-    order = [sorted(idx, key=lambda i: gen["sample_index"][i])[:2] for _, idx in sorted(by_prompt.items())]
-    rows = [
-        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b],
-         "prompt": gen["prompt"][a], "response_1": gen["text"][a], "response_2": gen["text"][b]}
-        for a, b in order
-    ]
-    if run.config.judge.reuse_generator_logprobs:
-        # Off by default: the engine's numerics (KV cache, padded batches, vLLM kernels)
-        # make these differ from a teacher-forced log pi, which is what Eq. 7 asks for.
-        if "policy_logp" not in gen:
-            raise RuntimeError(
-                f"judge.reuse_generator_logprobs=true, but {generations} has no untempered log-probs "
-                "(policy_logp): its generator did not return them"
-            )
-        for row, (a, b) in zip(rows, order):
-            row["policy_logp_1"], row["policy_logp_2"] = gen["policy_logp"][a], gen["policy_logp"][b]
-    started = time.time()
-    labels = _judge(run, t, rows)
-    run.telemetry.gauge("pairs_per_second", len(rows) / max(time.time() - started, 1e-9))
+    order, rows = _judge_rows(gen, run.config.judge.reuse_generator_logprobs, where=generations)
+    digest, labels = run.labels_ahead.pop(t, (None, None))
+    if labels is None or digest != _rows_digest(rows):  # none labelled during gen_t (e.g. a resumed run)
+        started = time.time()
+        labels = _judge(run, t, rows)
+        run.telemetry.gauge("pairs_per_second", len(rows) / max(time.time() - started, 1e-9))
 
     columns: dict[str, list] = {k: [] for k in (
         "prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",

@@ -2,10 +2,12 @@
 
 One long Ray Train ``fit()`` per job runs a command loop on every rank. The ranks cannot
 be called from outside (Ray Train gives no handle on its workers), so they poll this
-actor: the driver ``post``s a stage command, every rank ``next_command``s it, rank 0
-``begin``s it (one attempt), and rank 0 ``complete``s it with the stage's outcome; a rank
-that raises ``fail``s it first (its traceback reaches the driver), then Ray Train restarts
-the group and the new ranks find the same command still pending.
+actor: the driver ``post``s a stage command; rank 0 takes it (``next_command``),
+``begin``s it (one attempt) and ``assign``s its decision as the group's next step, which
+every other rank reads (``assignment``) -- so all ranks run the same command even when a
+command fails between their polls; rank 0 ``complete``s it with the stage's outcome. A
+rank that raises ``fail``s it first (its traceback reaches the driver), then Ray Train
+restarts the group and the new ranks find the same command still pending.
 
 Reading a command does not consume it (unlike ``ray.util.queue.Queue``): a group that
 restarts mid-stage must see it again. Ray Train's own failure budget belongs to the whole
@@ -34,6 +36,7 @@ class StageMailbox:
         self.state: dict[int, dict[str, Any]] = {}
         self.stopped = False
         self.group_starts = 0
+        self.assignments: dict[tuple[int, int], dict[str, Any]] = {}  # (group, step) -> rank 0's decision
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -87,6 +90,16 @@ class StageMailbox:
 
         await self._wait(lambda: found() is not None, timeout_s)
         return found()
+
+    async def assign(self, group: int, step: int, decision: dict[str, Any]) -> None:
+        """Rank 0: what every rank of group ``group`` does at its ``step``-th command."""
+        self.assignments[(group, step)] = decision
+        await self._notify()
+
+    async def assignment(self, group: int, step: int, timeout_s: float = 30.0) -> dict[str, Any] | None:
+        """The other ranks: rank 0's decision for ``step``, or None after ``timeout_s`` (poll again)."""
+        await self._wait(lambda: (group, step) in self.assignments, timeout_s)
+        return self.assignments.get((group, step))
 
     async def begin(self, command_id: int) -> bool:
         """One attempt at the command (rank 0); False once the stage's budget is spent."""

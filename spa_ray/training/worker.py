@@ -18,6 +18,7 @@ rank 0 also publishes to Ray's object store (``WeightsHandle``).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import os
@@ -161,19 +162,25 @@ def trainer_group_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     ctx = StageContext(rank, world, device)
-    if rank == 0:
-        ray.get(mailbox.group_started.remote())
+    group = _from_rank0(ray.get(mailbox.group_started.remote()) if rank == 0 else None, world)
     after = -1
-    while True:
-        command = ray.get(mailbox.next_command.remote(after))
-        if command is None:
-            continue
+    for step in itertools.count():
+        if rank == 0:  # rank 0 decides; the others follow its decision, never their own reads
+            command = None
+            while command is None:
+                command = ray.get(mailbox.next_command.remote(after))
+            decision = {"command": command, "proceed": command["kind"] == "stage"
+                        and ray.get(mailbox.begin.remote(command["id"]))}
+            ray.get(mailbox.assign.remote(group, step, decision))
+        else:
+            decision = None
+            while decision is None:
+                decision = ray.get(mailbox.assignment.remote(group, step))
+        command = decision["command"]
         if command["kind"] == "stop":
             return
-        proceed = ray.get(mailbox.begin.remote(command["id"])) if rank == 0 else None
-        proceed = _from_rank0(proceed, world)
         after = command["id"]
-        if not proceed:  # failed: its budget is spent
+        if not decision["proceed"]:  # failed: its budget is spent
             continue
         spec = TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"})
         try:

@@ -66,6 +66,8 @@ def _sp2dpo(run, t, spec, out, cfg):
     from spa_ray.variants.annotators import annotate_pairs
 
     table = _read(spec.pairs_path)
+    if cfg.sp2dpo.annotator == "teacher" and hasattr(run, "pause_trainer"):
+        run.pause_trainer()  # the teacher's Ray task may need the CPUs/GPUs the trainer group holds
     try:
         notes = annotate_pairs(cfg.sp2dpo, run.task, table["prompt"], table["chosen"], table["rejected"],
                                trust_remote_code=run.config.model.trust_remote_code)

@@ -1,0 +1,55 @@
+"""Judging streamed into generation: the judges label each shard of pairs while the
+generators still sample, and the labels are the ones labelling after generation gives.
+
+Real parts: a local Ray cluster, two generator actors and one judge actor (8 generation
+shards against 4 judge shards, so judge shards wait on generation shards across their
+boundaries), the embedded task's stage functions, tiny Llama folders.
+"""
+
+import shutil
+
+import pyarrow.parquet as pq
+
+from _tiny_model import save_tiny_model_dir
+from spa_ray.pipeline.config import load_config
+from spa_ray.pipeline.stages import (
+    Run, _judge, _judge_rows, _rows_digest, generate_responses, judge_pairs, prepare_data,
+)
+from spa_ray.data.tables import read_parquet
+
+
+def _config(root, pi_init, stream):
+    return load_config(None, [
+        f"run.root={root}", f"run.name=stream_{stream}", f"model.name_or_path={pi_init}", "run.iterations=1",
+        "data.task_kwargs={n_iterations: [30], n_evaluation: 4}", "judge.health_floor=0.0",
+        f"judge.stream={str(stream).lower()}", "generation.max_new_tokens=12",
+        "placement.generators.count=2", "placement.generators.num_cpus=0.5",
+        "placement.judges.count=1", "placement.judges.num_cpus=0.5", "placement.trainer.num_cpus=0.5",
+    ])
+
+
+def _adopt_pi_0(run, source):
+    with run.dir.stage_dir("train_0", "checkpoints", "pi_0") as out:
+        shutil.copytree(source, out, dirs_exist_ok=True)
+
+
+def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path):
+    pi_init = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
+    pi_0 = save_tiny_model_dir(tmp_path / "pi_0", seed=1)
+    tables = {}
+    for stream in (True, False):
+        with Run.open(_config(tmp_path, pi_init, stream)) as run:
+            data = prepare_data(run)
+            _adopt_pi_0(run, pi_0)
+            generations = generate_responses(run, 1, data.iteration_prompts[0])
+            if stream:
+                digest, ahead = run.labels_ahead[1]
+                assert len(ahead) == 30 and len(run.actors.generators.actors) == 2
+                # the same rows labelled afterwards, as judge_pairs would without streaming
+                rows = _judge_rows(read_parquet(generations), False, where=generations)[1]
+                assert digest == _rows_digest(rows), "judge_1 would not recognise the rows it labelled"
+                assert _judge(run, 1, rows) == ahead
+            pairs = judge_pairs(run, 1, generations)
+            assert run.labels_ahead == {}  # taken by judge_t
+            tables[stream] = pq.read_table(pairs).to_pydict()
+    assert tables[True] == tables[False]
