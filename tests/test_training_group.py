@@ -79,9 +79,11 @@ def test_a_worker_failure_in_stage_two_resumes_from_its_own_step_checkpoint(ray_
 def test_a_stage_past_its_failure_budget_raises_and_the_group_serves_the_next(ray_local, tmp_path):
     policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     write_pairs(tmp_path / "pairs.parquet", _pairs(16))
-    with TrainerGroup(WORKERS, tmp_path / "state", max_failures=0) as group:
+    # placement.trainer.threads: the workers use 2 torch threads on their 1 CPU each
+    with TrainerGroup(ActorGroup(count=2, num_cpus=1, threads=2), tmp_path / "state", max_failures=0) as group:
         with pytest.raises(StageFailedError, match=r"(?s)stage broken: 1 failed attempts .*injected worker failure at step 1"):
             group.train_stage(_spec(tmp_path, policy, "broken", fail_at_step=1, **SMALL))
         ok = group.train_stage(_spec(tmp_path, policy, "ok", **SMALL))
     assert ok.attempts == 1 and ok.weights.checksum == _disk_checksum(ok.output_dir)
+    assert ok.details["threads"] == 2
     assert load_causal_lm(ok.output_dir) is not None

@@ -24,12 +24,19 @@ class ActorGroup:
     resources: dict = field(
         default_factory=dict, help="Custom Ray resources per actor, e.g. {node_pool_a: 1} to pin to nodes."
     )
+    threads: Optional[int] = field(
+        None,
+        help="torch threads per actor; None: Ray's (its num_cpus, at least 1). More than num_cpus lets a group use "
+        "cores the others leave idle in its stages (the trainer during training).",
+    )
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError(f"placement: count must be >= 1, got {self.count}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("placement: num_cpus and num_gpus must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"placement: threads must be >= 1 or null, got {self.threads}")
 
 
 def _shared_cpu_group() -> ActorGroup:

@@ -147,7 +147,8 @@ class ActorSystem:
                           logprobs_mode=mode, rpc_timeout_s=self.config.weight_sync.timeout_s,
                           engine_kwargs=dict(g.engine_kwargs))
         else:
-            kwargs.update(max_batch_size=g.batch_size, trust_remote_code=self.config.model.trust_remote_code)
+            kwargs.update(max_batch_size=g.batch_size, trust_remote_code=self.config.model.trust_remote_code,
+                          num_threads=group.threads)
         return ShardedActors(GeneratorActor, group, kwargs, name="generators")
 
     def _new_judges(self, version: int, path: str, reference: str | None) -> ShardedActors:
@@ -156,7 +157,7 @@ class ActorSystem:
             policy_path=path, reference_path=reference, version=version, beta=j.beta,
             length_penalty=j.length_penalty, max_tokens_per_batch=j.max_tokens_per_batch,
             device=self._device(group.num_gpus), dtype=self.config.model.dtype,
-            trust_remote_code=self.config.model.trust_remote_code,
+            trust_remote_code=self.config.model.trust_remote_code, num_threads=group.threads,
         )
         return ShardedActors(JudgeActor, group, kwargs, name="judges")
 

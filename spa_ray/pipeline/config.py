@@ -269,7 +269,7 @@ class SPAConfig:
 #: placement.trainer.count is not here: a stage's step checkpoints are per rank.
 RESOURCE_SETTINGS = frozenset({
     "placement.generators", "placement.judges", "placement.trainer.num_cpus", "placement.trainer.num_gpus",
-    "placement.trainer.resources", "placement.ray_address",
+    "placement.trainer.resources", "placement.trainer.threads", "placement.ray_address",
     "weight_sync",
     "generation.gpu_memory_utilization", "generation.tensor_parallel_size", "generation.engine_kwargs",
     "judge.max_tokens_per_batch", "judge.stream",

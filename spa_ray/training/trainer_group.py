@@ -91,7 +91,7 @@ class TrainerGroup:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             trainer_group_loop,
-            train_loop_config={"mailbox": self._mailbox, "token": token},
+            train_loop_config={"mailbox": self._mailbox, "token": token, "threads": w.threads},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=w.count, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(

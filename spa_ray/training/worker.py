@@ -158,6 +158,8 @@ def trainer_group_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     mailbox, token = config["mailbox"], config["token"]
+    if config.get("threads"):  # placement.trainer.threads: more than Ray's OMP_NUM_THREADS (its CPUs)
+        torch.set_num_threads(int(config["threads"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -430,7 +432,7 @@ def run_stage(spec: TrainStageSpec, ctx: StageContext) -> dict[str, Any]:
     outcome.update(steps=plan.total_steps - start_step, step_seconds=step_seconds, models_seconds=models_seconds,
                    setup_seconds=setup_seconds, save_seconds=time.perf_counter() - saving,
                    seconds=time.perf_counter() - started, from_memory=from_memory, resumed_at_step=start_step,
-                   pid=os.getpid())
+                   pid=os.getpid(), threads=torch.get_num_threads())
     return outcome
 
 
