@@ -302,6 +302,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="|X_1| (default: the embedded default, 1,000)")
     ap.add_argument("--root", type=Path, default=None, help="where the base and per-round runs live")
     ap.add_argument("--two-actors", action="store_true", help="also time Ray with 2 generators and 2 judges")
+    ap.add_argument("--trainer-threads", type=int, default=None,
+                    help="also time Ray with placement.trainer.threads=N (the trainer on the cores idle in training)")
+    ap.add_argument("--no-ray-default", action="store_true", help="skip the ray_default side")
     ap.add_argument("--iterations", type=int, default=2,
                     help="SPA iterations per job; the stage columns are the last (warm) iteration's")
     ap.add_argument("--seq-threads", default="1,2",
@@ -332,7 +335,11 @@ def main(argv=None) -> int:
                 raise
     try:
         config = ensure_base(args, root)
-        sides = {"ray_default": lambda k: ray_iteration(args, root, f"ray_default_{k}", [])}
+        sides = {} if args.no_ray_default else {"ray_default": lambda k: ray_iteration(args, root, f"ray_default_{k}", [])}
+        if args.trainer_threads:
+            extra = [f"placement.trainer.threads={args.trainer_threads}"]
+            sides[f"ray_trainer_{args.trainer_threads}t"] = lambda k: ray_iteration(
+                args, root, f"ray_trainer_{args.trainer_threads}t_{k}", extra)
         for n in [int(x) for x in args.seq_threads.split(",")]:
             def sequential(k, n=n):
                 bc.set_threads(n)
