@@ -127,25 +127,14 @@ def ray_iteration(args, root: Path, name: str, extra: list[str]) -> dict[str, fl
 
 # ---------------------------------------------------------------------- sequential side
 def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float]:
-    """Iteration 1 in this process with the same library functions and no Ray."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
+    """Iterations 1..T in this process with the same library functions and no Ray."""
+    from types import SimpleNamespace
 
-    from spa_ray.data.collate import collate_preference_pairs
-    from spa_ray.data.tokenize import TokenizedPair, TokenizedSequence
-    from spa_ray.evaluation.win_rates import gold_win_rate
-    from spa_ray.generation.base import SamplingConfig
-    from spa_ray.generation.transformers_backend import TransformersGenerator
-    from spa_ray.judging.implicit_reward import implicit_reward, label_pairs
-    from spa_ray.models.loading import load_causal_lm, load_tokenizer
+    from spa_ray.data.tables import read_json
+    from spa_ray.judging.implicit_reward import implicit_reward
+    from spa_ray.models.loading import load_causal_lm, load_checkpoint_state_dict, load_tokenizer, state_dict_checksum
     from spa_ray.models.scoring import batched_policy_reference_logprobs
-    from spa_ray.objectives.confidence_window import ConfidenceWindow
-    from spa_ray.objectives.noise_detection import lambda_for_iteration
-    from spa_ray.pipeline.stages import BASELINE_SEED_OFFSET, EVAL_SEED_OFFSET  # noqa: F401
-    from spa_ray.data.tables import read_json, read_parquet, write_parquet
     from spa_ray.tasks.base import load_task
-    from spa_ray.training.batch_plan import BatchPlan, group_by_length
-    from spa_ray.training.preference_step import preference_step
 
     run_dir = fresh_copy(root, name)
     out = run_dir / "sequential"
@@ -167,19 +156,20 @@ def sequential_iteration(args, root: Path, name: str, config) -> dict[str, float
     pad = tok.pad_token_id
     policy = load_causal_lm(pi_0, dtype="auto", device="cpu")
     init = load_causal_lm(pi_init, dtype="auto", device="cpu")
+    env = SimpleNamespace(policy=policy, init=init, score=score, times=times, run_dir=run_dir, out=out, cfg=cfg, g=g,
+                          tr=tr, task=task, prompts=prompts, pad=pad, tok=tok, pi_0=pi_0)
     for it in range(1, args.iterations + 1):
         start = time.perf_counter()
-        policy = _sequential_one(it, locals())
+        env.policy = _sequential_one(it, env)
         times[f"iter{it}_s"] = time.perf_counter() - start
-    from spa_ray.models.loading import load_checkpoint_state_dict, state_dict_checksum
-
     times["total"] = time.perf_counter() - t0
     times["checksum"] = state_dict_checksum(load_checkpoint_state_dict(out / f"pi_{args.iterations}"))
     return times
 
 
-def _sequential_one(it: int, env: dict):
-    """Iteration ``it`` of the sequential side (``env``: sequential_iteration's locals)."""
+def _sequential_one(it: int, env):
+    """Iteration ``it`` of the sequential side (``env``: the models, data and paths it shares);
+    returns pi_it."""
     import copy
 
     import torch
@@ -199,8 +189,8 @@ def _sequential_one(it: int, env: dict):
     from spa_ray.training.batch_plan import BatchPlan, group_by_length
     from spa_ray.training.preference_step import preference_step
 
-    policy, init, score, times, run_dir, out = (env[k] for k in ("policy", "init", "score", "times", "run_dir", "out"))
-    cfg, g, tr, task, prompts, pad, tok, pi_0 = (env[k] for k in ("cfg", "g", "tr", "task", "prompts", "pad", "tok", "pi_0"))
+    policy, init, score, times, run_dir, out = env.policy, env.init, env.score, env.times, env.run_dir, env.out
+    cfg, g, tr, task, prompts, pad, tok, pi_0 = env.cfg, env.g, env.tr, env.task, env.prompts, env.pad, env.tok, env.pi_0
     t0 = time.perf_counter()
     hold = read_parquet(run_dir / "data" / "prepare" / "judge_holdout.parquet")
     n = len(hold["prompt_ids"])

@@ -205,11 +205,13 @@ class ActorSystem:
         return self.judges
 
     def generate_and_label(self, t: int, policy_path: str, previous_path: str, prompts: list[str], sampling: dict,
-                           pair_rows: Callable[[list[dict]], list[dict]]) -> tuple[list[dict], list[dict]]:
+                           pair_rows: Callable[[list[dict]], list[dict]]
+                           ) -> tuple[list[dict], list[dict], list[dict]]:
         """``generate`` with pi_{t-1}, and ``label`` of the pairs ``pair_rows`` makes of them
         (one row per prompt), each judge shard sent as soon as the samples of its prompts
         exist: the judges work while the generators still sample. The judge shards are
-        those ``label`` would use, so the labels are the same as labelling afterwards."""
+        those ``label`` would use, so the labels are the same as labelling afterwards.
+        Returns (generation rows, the judge rows labelled, their labels)."""
         if self.generators is None:
             self.generators = self._new_generators(t, policy_path)
         judges = self._judges_for(t, policy_path, previous_path)  # syncs the generators too
@@ -241,7 +243,7 @@ class ActorSystem:
                     sent.add(j)
         rows = generating.collect()
         check_generation_rows(rows, len(prompts), SamplingConfig(**dict(sampling)).n, self.generators.name)
-        return rows, labelling.collect()
+        return rows, judge_rows, labelling.collect()
 
     def label_by_model(self, model_path: str, rows: list[dict]) -> list[dict]:
         """Labels by a trained judge (judge.kind reward_model / llm_as_judge): rows carry the text

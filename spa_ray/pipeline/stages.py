@@ -371,9 +371,7 @@ def _judge(run: Run, t: int, rows: list[dict]) -> list[dict]:
 def _sample(run: Run, version: int, path: str, prompts: list[str], seed: int, n: int | None = None) -> list[dict]:
     started = time.time()
     rows = run.actors.generate(version, path, prompts, _sampling(run, seed, n))
-    seconds = max(time.time() - started, 1e-9)
-    tokens = sum(len(r["response_ids"]) for r in rows)
-    run.telemetry.gauge("tokens_per_second", tokens / seconds)
+    _gauge_tokens_per_second(run, rows, started)
     return rows
 
 
@@ -382,15 +380,18 @@ def _sample_and_label(run: Run, t: int, prompts: list[str], seed: int) -> list[d
     labels wait in ``run.labels_ahead`` for judge_t, keyed by a digest of the rows labelled."""
     reuse = run.config.judge.reuse_generator_logprobs
     started = time.time()
-    rows, labels = run.actors.generate_and_label(
+    rows, judged, labels = run.actors.generate_and_label(
         t, _policy_path(run, t - 1), _policy_path(run, t - 2), prompts, _sampling(run, seed),
         pair_rows=lambda samples: _judge_rows(_columns(samples), reuse, where="the generator's samples")[1],
     )
-    seconds = max(time.time() - started, 1e-9)
-    run.telemetry.gauge("tokens_per_second", sum(len(r["response_ids"]) for r in rows) / seconds)
-    judged = _judge_rows(_columns(rows), reuse, where="the generator's samples")[1]
+    _gauge_tokens_per_second(run, rows, started)
     run.labels_ahead = {t: (_rows_digest(judged), labels)}
     return rows
+
+
+def _gauge_tokens_per_second(run: Run, rows: list[dict], started: float) -> None:
+    seconds = max(time.time() - started, 1e-9)
+    run.telemetry.gauge("tokens_per_second", sum(len(r["response_ids"]) for r in rows) / seconds)
 
 
 def _sampling(run: Run, seed: int, n: int | None = None) -> dict:

@@ -132,15 +132,15 @@ def broadcast_weights(
             rows[key] = {**info, "path": method, "seconds": secs}
         failed.update(bad)
         restart_first = {k for k, why in bad.items() if why.startswith("timed out")}
-    if store_keys and weights is not None:  # from memory: no read of the checkpoint
-        ref, checksum, nbytes = weights.ref, weights.checksum, weights.nbytes
-    elif store_keys:
-        sd = load_checkpoint_state_dict(checkpoint_dir)
-        checksum = state_dict_checksum(sd)
-        nbytes = state_dict_nbytes(sd)
-        ref = ray.put(pack_state_dict(sd))
-        del sd
     if store_keys:
+        if weights is not None:  # from memory: no read of the checkpoint
+            ref, checksum, nbytes = weights.ref, weights.checksum, weights.nbytes
+        else:
+            sd = load_checkpoint_state_dict(checkpoint_dir)
+            checksum = state_dict_checksum(sd)
+            nbytes = state_dict_nbytes(sd)
+            ref = ray.put(pack_state_dict(sd))
+            del sd
         calls = {
             pools[pi].actors[k].load_weights.remote(ref, version, checksum, checkpoint_dir): (pi, k)
             for pi, k in store_keys
