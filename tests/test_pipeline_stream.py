@@ -1,5 +1,6 @@
 """Judging streamed into generation: the judges label each shard of pairs while the
-generators still sample, and the labels are the ones labelling after generation gives.
+generators still sample, and the labels are the ones labelling after generation gives;
+the generators start on gen_t while the judges run the health check, with the same samples.
 
 Real parts: a local Ray cluster, two generator actors and one judge actor (8 generation
 shards against 4 judge shards, so judge shards wait on generation shards across their
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 from _tiny_model import save_tiny_model_dir
 from spa_ray.pipeline.config import load_config
 from spa_ray.pipeline.stages import (
-    Run, _judge, _judge_rows, _rows_digest, generate_responses, judge_pairs, prepare_data,
+    Run, _judge, _judge_rows, _rows_digest, check_judge_health, generate_responses, judge_pairs, prepare_data,
 )
 from spa_ray.data.tables import read_parquet
 
@@ -36,12 +37,17 @@ def _adopt_pi_0(run, source):
 def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path):
     pi_init = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     pi_0 = save_tiny_model_dir(tmp_path / "pi_0", seed=1)
-    tables = {}
+    tables, samples, health = {}, {}, {}
     for stream in (True, False):
         with Run.open(_config(tmp_path, pi_init, stream)) as run:
             data = prepare_data(run)
             _adopt_pi_0(run, pi_0)
+            health[stream] = check_judge_health(run, 1, data)
+            # streaming: gen_1's samples were sent before the judges checked their health
+            assert sorted(run.generation_ahead) == ([1] if stream else [])
             generations = generate_responses(run, 1, data.iteration_prompts[0])
+            assert run.generation_ahead == {}  # taken by gen_1
+            samples[stream] = pq.read_table(generations).to_pydict()
             if stream:
                 digest, ahead = run.labels_ahead[1]
                 assert len(ahead) == 30 and len(run.actors.generators.actors) == 2
@@ -53,3 +59,4 @@ def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path):
             assert run.labels_ahead == {}  # taken by judge_t
             tables[stream] = pq.read_table(pairs).to_pydict()
     assert tables[True] == tables[False]
+    assert samples[True] == samples[False] and health[True] == health[False]

@@ -12,7 +12,6 @@ from _tiny_model import save_tiny_model_dir
 from spa_ray.models.loading import load_causal_lm, load_checkpoint_state_dict, state_dict_checksum
 from spa_ray.pipeline.config import ActorGroup
 from spa_ray.training.pairs_table import write_pairs
-from spa_ray.training.ray_trainer import run_train_stage
 from spa_ray.training.trainer_group import StageFailedError, TrainerGroup
 from test_training_ray import _pairs, _spec
 
@@ -29,10 +28,16 @@ def test_two_stages_on_one_group_start_from_memory_and_equal_one_shot_stages(ray
     policy = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     write_pairs(tmp_path / "pairs.parquet", _pairs(24))
     with TrainerGroup(WORKERS, tmp_path / "state") as group:
-        first = group.train_stage(_spec(tmp_path, policy, "first", **SMALL))
+        group.warm(tmp_path / "no_such_model")  # a miss leaves the ranks cold, not failed
+        assert group.warmed() is None
+        group.warm(policy)  # the job's first stage: pi_init read ahead, while the driver evaluates
+        ahead = group.warmed()
+        assert ahead.checksum == _disk_checksum(policy)
+        first = group.train_stage(_spec(tmp_path, policy, "first", policy_checksum=ahead.checksum,
+                                        reference_checksum=ahead.checksum, **SMALL))
         # the published weights are the checkpoint's tensors, byte for byte
         assert first.weights.checksum == _disk_checksum(first.output_dir)
-        assert first.details["from_memory"] is False and first.attempts == 1
+        assert first.details["from_memory"] is True and first.attempts == 1
         handle = first.weights
         second = group.train_stage(_spec(tmp_path, first.output_dir, "second", policy_checksum=handle.checksum,
                                          reference_checksum=handle.checksum, **SMALL))
@@ -41,12 +46,17 @@ def test_two_stages_on_one_group_start_from_memory_and_equal_one_shot_stages(ray
     assert second.weights.checksum == _disk_checksum(second.output_dir)
     assert second.step_seconds > 0 and second.fixed_seconds < second.seconds
 
-    # the same second stage from the folder, on a group of its own: the same weights
-    cold = run_train_stage(_spec(tmp_path, first.output_dir, "second_cold", **SMALL), WORKERS, tmp_path / "state")
-    assert _disk_checksum(cold) == second.weights.checksum
-    log_warm = [json.loads(x) for x in (second.output_dir / "train_log.jsonl").read_text().splitlines()]
-    log_cold = [json.loads(x) for x in (cold / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["loss"], r["lr"]) for r in log_warm] == [(r["loss"], r["lr"]) for r in log_cold]
+    # the same two stages from their folders, on a group of their own: the same weights and steps
+    with TrainerGroup(WORKERS, tmp_path / "state_cold") as group:
+        first_cold = group.train_stage(_spec(tmp_path, policy, "first_cold", **SMALL))
+        cold = group.train_stage(_spec(tmp_path, first.output_dir, "second_cold", **SMALL))
+    assert first_cold.details["from_memory"] is False and cold.details["from_memory"] is False
+    assert _disk_checksum(first_cold.output_dir) == first.weights.checksum
+    assert _disk_checksum(cold.output_dir) == second.weights.checksum
+    for warm, cold_ in ((first, first_cold), (second, cold)):
+        log_warm = [json.loads(x) for x in (warm.output_dir / "train_log.jsonl").read_text().splitlines()]
+        log_cold = [json.loads(x) for x in (cold_.output_dir / "train_log.jsonl").read_text().splitlines()]
+        assert [(r["loss"], r["lr"]) for r in log_warm] == [(r["loss"], r["lr"]) for r in log_cold]
 
 
 @pytest.mark.slow

@@ -204,23 +204,33 @@ class ActorSystem:
             self._judge_reference = reference
         return self.judges
 
-    def generate_and_label(self, t: int, policy_path: str, previous_path: str, prompts: list[str], sampling: dict,
-                           pair_rows: Callable[[list[dict]], list[dict]]
-                           ) -> tuple[list[dict], list[dict], list[dict]]:
-        """``generate`` with pi_{t-1}, and ``label`` of the pairs ``pair_rows`` makes of them
-        (one row per prompt), each judge shard sent as soon as the samples of its prompts
-        exist: the judges work while the generators still sample. The judge shards are
-        those ``label`` would use, so the labels are the same as labelling afterwards.
-        Returns (generation rows, the judge rows labelled, their labels)."""
+    def start_generation(self, version: int, path: str, prompts: list[str], sampling: dict) -> ShardedCall:
+        """Send every generator shard of ``prompts`` (policy ``version`` at ``path``) and return
+        at once; ``generate_and_label(..., started=)`` collects them. Lets the judges do other
+        work (the health check) while the generators sample."""
         if self.generators is None:
-            self.generators = self._new_generators(t, policy_path)
-        judges = self._judges_for(t, policy_path, previous_path)  # syncs the generators too
+            self.generators = self._new_generators(version, path)
+        self._sync(version, path)
         prompts = list(prompts)
         generating = ShardedCall(self.generators, "generate", len(prompts), index_arg="first_index",
                                  sampling=dict(sampling))
         occurrences = prompt_occurrences(prompts)
         for k in range(len(generating.shards)):
             generating.submit(k, prompts, {"occurrences": occurrences})
+        return generating
+
+    def generate_and_label(self, t: int, policy_path: str, previous_path: str, prompts: list[str], sampling: dict,
+                           pair_rows: Callable[[list[dict]], list[dict]], started: ShardedCall | None = None
+                           ) -> tuple[list[dict], list[dict], list[dict]]:
+        """``generate`` with pi_{t-1}, and ``label`` of the pairs ``pair_rows`` makes of them
+        (one row per prompt), each judge shard sent as soon as the samples of its prompts
+        exist: the judges work while the generators still sample. The judge shards are
+        those ``label`` would use, so the labels are the same as labelling afterwards.
+        ``started``: the same generation, sent earlier by ``start_generation``.
+        Returns (generation rows, the judge rows labelled, their labels)."""
+        prompts = list(prompts)
+        generating = started or self.start_generation(t, policy_path, prompts, sampling)
+        judges = self._judges_for(t, policy_path, previous_path)
         labelling = ShardedCall(judges, "label", len(prompts))
         samples: list[list[dict] | None] = [None] * len(prompts)  # per prompt, once its shard is back
         judge_rows: list[dict | None] = [None] * len(prompts)

@@ -73,6 +73,8 @@ class Run:
         # policy only): the trainer starts the next stage from it, the broadcast sends it
         self.weights_in_memory: dict[str, Any] = {}
         self.labels_ahead: dict[int, tuple[str, list[dict]]] = {}  # judge_t's labels, made during gen_t
+        self.generation_ahead: dict[int, tuple[list[str], Any, float]] = {}  # gen_t's samples, sent during health_t
+        self._warming: tuple[str, int] | None = None  # (path, version) the trainer loads ahead of its first stage
 
     @classmethod
     @contextlib.contextmanager
@@ -161,8 +163,23 @@ class Run:
         start-up (processes, imports, the process group) then overlaps the stages before it.
         Called once the data is read and checked, so bad input starts nothing."""
         iterations = self.config.run.iterations
-        if not all(self.dir.is_done(f"train_{t}") for t in range(iterations + 1)):
-            self.trainer.start()
+        first = next((t for t in range(iterations + 1) if not self.dir.is_done(f"train_{t}")), None)
+        if first is not None:  # its pi_{first-1} is read into the ranks' memory meanwhile (version = first)
+            self.trainer.warm(_policy_path(self, first - 1), trust_remote_code=self.config.model.trust_remote_code)
+            self._warming = (_policy_path(self, first - 1), first)
+
+    def take_warmed_weights(self) -> float:
+        """Publish the weights the trainer loaded ahead (``start_trainer_early``), unless newer
+        ones are published: the first stage of a job then builds pi_{t-1} from memory too.
+        Returns the seconds spent waiting for them (on a fresh machine: DeepSpeed's op build)."""
+        if self._warming is None or self._trainer is None:
+            return 0.0
+        (path, version), self._warming = self._warming, None
+        started = time.time()
+        handle = self._trainer.warmed()
+        if handle is not None and not self.weights_in_memory:
+            self.publish(path, version, handle)
+        return time.time() - started
 
     def pause_trainer(self) -> None:
         """Stop the trainer group so that a Ray task may use its CPUs/GPUs (judge models, teacher
@@ -303,10 +320,17 @@ def prepare_judge_model(run: Run, data: PreparedData) -> str | None:
 
 
 def check_judge_health(run: Run, t: int, data: PreparedData) -> float:
-    """The judge (pi_{t-1} vs its reference) on gold pairs it never trained on."""
+    """The judge (pi_{t-1} vs its reference) on gold pairs it never trained on.
+
+    With judge.stream, gen_t's samples are sent to the generators first, so they sample
+    while the judges check (gen_t collects them; a failed check leaves them unused)."""
     stage = f"health_{t}"
     if run.dir.is_done(stage):
         return float(run.dir.stage_info(stage)["accuracy"])
+    if _streams(run) and not run.dir.is_done(f"gen_{t}"):
+        prompts = data.iteration_prompts[t - 1]
+        started = run.actors.start_generation(t, _policy_path(run, t - 1), prompts, _sampling(run, _gen_seed(run, t)))
+        run.generation_ahead = {t: (list(prompts), started, time.time())}
     holdout = read_parquet(data.judge_holdout)
     if not holdout["prompt_ids"]:
         run.telemetry.stage(stage, accuracy=math.nan, note="no held-out gold pairs (data.judge_holdout_fraction=0)")
@@ -342,8 +366,8 @@ def generate_responses(run: Run, t: int, prompts: list[str]) -> Path:
     final = run.dir.path / "data" / f"iter_{t}" / "generations" / "generations.parquet"
     if run.dir.is_done(stage):
         return final
-    seed = run.config.run.seed * 100 + t
-    if run.config.judge.stream and run.config.judge.kind == "implicit_reward":
+    seed = _gen_seed(run, t)
+    if _streams(run):
         rows = _sample_and_label(run, t, prompts, seed)  # judge_t then finds its labels ready
     else:
         rows = _sample(run, version=t, path=_policy_path(run, t - 1), prompts=prompts, seed=seed)
@@ -351,6 +375,15 @@ def generate_responses(run: Run, t: int, prompts: list[str]) -> Path:
         write_parquet(out / "generations.parquet", _columns(rows))
     run.telemetry.stage(stage, iteration=t, responses=len(rows))
     return final
+
+
+def _streams(run: Run) -> bool:
+    """Whether gen_t's pairs are labelled while it samples (judge.stream, implicit reward only)."""
+    return run.config.judge.stream and run.config.judge.kind == "implicit_reward"
+
+
+def _gen_seed(run: Run, t: int) -> int:
+    return run.config.run.seed * 100 + t
 
 
 def _policy_path(run: Run, t: int) -> str:
@@ -379,10 +412,11 @@ def _sample_and_label(run: Run, t: int, prompts: list[str], seed: int) -> list[d
     """``_sample`` for gen_t, with the judges labelling each shard's pairs as it arrives; the
     labels wait in ``run.labels_ahead`` for judge_t, keyed by a digest of the rows labelled."""
     reuse = run.config.judge.reuse_generator_logprobs
-    started = time.time()
+    ahead_prompts, ahead, started = run.generation_ahead.pop(t, (None, None, time.time()))  # sent during health_t
     rows, judged, labels = run.actors.generate_and_label(
         t, _policy_path(run, t - 1), _policy_path(run, t - 2), prompts, _sampling(run, seed),
         pair_rows=lambda samples: _judge_rows(_columns(samples), reuse, where="the generator's samples")[1],
+        started=ahead if ahead_prompts == list(prompts) else None,
     )
     _gauge_tokens_per_second(run, rows, started)
     run.labels_ahead = {t: (_rows_digest(judged), labels)}
@@ -546,6 +580,7 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
         from spa_ray.variants.stage import prepare_variant_stage
 
         spec = prepare_variant_stage(run, t, spec, out)  # unchanged for variant.name=spa (README "Variants")
+        warm_wait = run.take_warmed_weights()
         warm = run.weights_in_memory  # the trainer's ranks still hold pi_{t-1}: no folder read
         spec = dataclasses.replace(
             spec,
@@ -563,6 +598,7 @@ def train_policy(run: Run, t: int, policy: str, pairs: Path) -> str:
     # recorded in the ledger and whole on disk: now the generators and judges may take it
     run.publish(run.checkpoint(t), t + 1, result.weights)
     timing = dict(step_seconds=result.step_seconds, fixed_seconds=result.fixed_seconds, attempts=result.attempts,
+                  warm_wait_seconds=warm_wait,
                   from_memory=result.details["from_memory"], trainer_models_seconds=result.details["models_seconds"],
                   trainer_setup_seconds=result.details["setup_seconds"], trainer_save_seconds=result.details["save_seconds"])
     run.telemetry.stage(stage, iteration=t, seconds=time.time() - started, refine=spec.refine, lam=spec.lam,

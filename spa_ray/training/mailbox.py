@@ -52,10 +52,11 @@ class StageMailbox:
         return True
 
     # -- driver side ---------------------------------------------------------------
-    async def post(self, payload: dict[str, Any]) -> int:
-        """A new stage command; returns its id (ids increase)."""
+    async def post(self, payload: dict[str, Any], kind: str = "stage") -> int:
+        """A new command (``kind``: "stage", or "warm": load the next stage's weights); returns
+        its id (ids increase)."""
         command_id = max(self.commands, default=-1) + 1
-        self.commands[command_id] = {"id": command_id, "kind": "stage", "payload": payload}
+        self.commands[command_id] = {"id": command_id, "kind": kind, "payload": payload}
         self.state[command_id] = {"status": PENDING, "attempts": 0, "errors": [], "posted": time.time()}
         await self._notify()
         return command_id

@@ -66,6 +66,7 @@ class TrainerGroup:
         self._mailbox = None
         self._thread: threading.Thread | None = None
         self._fit_error: BaseException | None = None
+        self._warming: int | None = None  # the id of a posted "warm" command not yet collected
 
     # -- lifecycle -----------------------------------------------------------------
     @property
@@ -125,7 +126,7 @@ class TrainerGroup:
         if self._thread is not None:
             self._thread.join(timeout_s)
         ray.kill(self._mailbox)
-        self._mailbox = self._thread = None
+        self._mailbox = self._thread = self._warming = None
 
     def __enter__(self) -> "TrainerGroup":
         self.start()
@@ -135,6 +136,35 @@ class TrainerGroup:
         self.shutdown()
 
     # -- stages --------------------------------------------------------------------
+    def warm(self, path: str, trust_remote_code: bool = False) -> None:
+        """Ask the ranks to hold the weights at ``path`` (the next stage's pi_{t-1}) in memory
+        while the driver does other work; returns at once. ``warmed()`` gives their handle."""
+        import ray
+
+        self.start()
+        self._warming = ray.get(self._mailbox.post.remote(
+            {"path": str(path), "trust_remote_code": trust_remote_code}, kind="warm"))
+
+    def warmed(self, timeout_s: float = 600.0) -> WeightsHandle | None:
+        """The handle of the weights ``warm`` loaded (waits for it), or None: none asked, or
+        the ranks could not load them (the stage then reads its folder, as without ``warm``)."""
+        command_id, self._warming = self._warming, None
+        if command_id is None or self._mailbox is None:
+            return None
+        state = self._wait(command_id, timeout_s)
+        return state.get("outcome", {}).get("weights")
+
+    def _wait(self, command_id: int, timeout_s: float = float("inf")) -> dict:
+        """The command's final state; its pending state once the group has stopped or after
+        ``timeout_s``."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = ray.get(self._mailbox.wait_result.remote(command_id, self.poll_s))
+            if state["status"] != "pending" or not self.running or time.monotonic() > deadline:
+                return state
+
     def train_stage(self, spec: TrainStageSpec) -> StageResult:
         """Run one stage on the group (started if it is not); returns when the folder is whole."""
         import ray
@@ -143,13 +173,10 @@ class TrainerGroup:
         Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         command_id = ray.get(self._mailbox.post.remote(spec.to_dict()))
-        while True:
-            state = ray.get(self._mailbox.wait_result.remote(command_id, self.poll_s))
-            if state["status"] != "pending":
-                break
-            if not self.running:  # fit() ended without taking the command: the group could not run
-                raise StageFailedError(f"stage {spec.stage}: the trainer group stopped: {self._fit_error!r}") \
-                    from self._fit_error
+        state = self._wait(command_id)
+        if state["status"] == "pending":  # fit() ended without taking the command: the group could not run
+            raise StageFailedError(f"stage {spec.stage}: the trainer group stopped: {self._fit_error!r}") \
+                from self._fit_error
         seconds = time.perf_counter() - started
         if state["status"] == "failed":
             if state.get("fatal"):

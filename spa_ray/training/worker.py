@@ -18,6 +18,7 @@ rank 0 also publishes to Ray's object store (``WeightsHandle``).
 from __future__ import annotations
 
 import gc
+import importlib
 import itertools
 import json
 import math
@@ -125,7 +126,7 @@ class WarmWeights:
 
     def model(self, checksum: str | None, dtype: str, device: Any):
         """A fresh model holding the warm weights, or None when ``checksum`` is not theirs."""
-        if checksum is None or checksum != self.checksum:
+        if checksum is None or checksum != self.checksum or self.model_class is None:
             return None
         import ray
 
@@ -171,7 +172,7 @@ def trainer_group_loop(config: dict[str, Any]) -> None:
             command = None
             while command is None:
                 command = ray.get(mailbox.next_command.remote(after))
-            decision = {"command": command, "proceed": command["kind"] == "stage"
+            decision = {"command": command, "proceed": command["kind"] != "stop"
                         and ray.get(mailbox.begin.remote(command["id"]))}
             ray.get(mailbox.assign.remote(group, step, decision))
         else:
@@ -184,17 +185,20 @@ def trainer_group_loop(config: dict[str, Any]) -> None:
         after = command["id"]
         if not decision["proceed"]:  # failed: its budget is spent
             continue
-        spec = TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"})
-        try:
-            outcome = run_stage(spec, ctx)
-        except BaseException as exc:
-            fatal = isinstance(exc, NonFiniteLossError)
-            detail = str(exc) if fatal else "".join(traceback.format_exception(exc))[-4000:]
-            ray.get(mailbox.fail.remote(command["id"], rank, detail, fatal=fatal))
-            raise
+        if command["kind"] == "warm":
+            outcome = warm_up(command["payload"], ctx)  # never raises: a miss only means a folder read later
+        else:
+            spec = TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"})
+            try:
+                outcome = run_stage(spec, ctx)
+            except BaseException as exc:
+                fatal = isinstance(exc, NonFiniteLossError)
+                detail = str(exc) if fatal else "".join(traceback.format_exception(exc))[-4000:]
+                ray.get(mailbox.fail.remote(command["id"], rank, detail, fatal=fatal))
+                raise
         if rank == 0:
             ray.get(mailbox.complete.remote(command["id"], outcome))
-            handle = outcome["weights"]
+            handle = outcome.get("weights")
         else:  # the ref arrives through the mailbox, so that Ray counts this rank as a borrower
             result = ray.get(mailbox.wait_result.remote(command["id"], 600.0))
             handle = result.get("outcome", {}).get("weights")
@@ -211,6 +215,50 @@ def _from_rank0(value: Any, world: int) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def warm_up(payload: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Hold the weights at ``payload["path"]`` (the next stage's pi_{t-1}) the way a stage
+    leaves pi_t, so that the job's first stage builds from memory too; and pay the
+    imports a first stage would pay. Runs while the group would otherwise wait (the
+    driver is still evaluating). Rank 0 reads the files and publishes them; every rank
+    resolves the model class and tokenizer. Any error leaves the ranks cold, not failed."""
+    started = time.perf_counter()
+    try:
+        importlib.import_module("deepspeed")  # the import a first stage pays (~1 s)
+        _build_deepspeed_ops()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from spa_ray.models.loading import load_checkpoint_state_dict, load_tokenizer
+
+        path, trust = payload["path"], bool(payload.get("trust_remote_code", False))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        with torch.device("meta"):  # the class only: no memory for weights
+            model_class = type(AutoModelForCausalLM.from_config(config, trust_remote_code=trust))
+        tokenizer = load_tokenizer(path, trust_remote_code=trust, require_chat_template=False)
+        outcome: dict[str, Any] = {}
+        if ctx.rank == 0:
+            from spa_ray.weights.handle import publish_state_dict
+
+            outcome["weights"] = publish_state_dict(load_checkpoint_state_dict(path))
+        ctx.warm = WarmWeights(model_class=model_class, model_config=config, tokenizer=tokenizer)
+    except Exception as exc:  # e.g. a hub id (no local folder): the stage reads it itself
+        ctx.warm = WarmWeights()
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    outcome.update(seconds=time.perf_counter() - started, pid=os.getpid())
+    return outcome
+
+
+def _build_deepspeed_ops() -> None:
+    """Build (once per machine; later: load) the op ``deepspeed.initialize`` would build first:
+    on CPU its shared-memory collective, ~30-60 s of g++ on a fresh machine."""
+    watchdog = StaleLockWatchdog().start()
+    try:
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()  # None where the accelerator has no such op (GPUs)
+    finally:
+        watchdog.stop()
 
 
 def run_stage(spec: TrainStageSpec, ctx: StageContext) -> dict[str, Any]:
