@@ -60,7 +60,13 @@ CSV_COLUMNS = [
     "judge_health", "pairs", "ties", "agreement", "agreement_after", "flag_rate", "flag_precision", "flag_recall",
     "flag_lift", "flagged_pairs", "decided_pairs", "alpha", "judge_kind", "self_refine", "decoupled_noise_detection",
     "judge_reference", "seed_fraction", "length_penalty", "variant", "run_seconds", "run_dir",
+    # issue #21: which pairs were trained on, and how sure the judge was of them
+    "pair_rule", "responses_per_prompt", "keep_fraction", "seed_replay", "judged_pairs", "replayed_pairs",
+    "agreement_judged", *[f"agreement_top{round(100 * f)}" for f in (0.5, 0.25, 0.1)],
 ]
+
+#: kept fractions of the agreement-vs-margin curve (agreement of the top f of judged pairs by margin)
+KEPT_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 
 
 # --------------------------------------------------------------------------- grid
@@ -289,10 +295,14 @@ def _read_parquet(path: Path) -> dict[str, list]:
 
 
 def label_quality(path: Path, alpha: float) -> dict[str, float]:
-    """Agreement with gold before/after refinement and flag quality (module docstring)."""
+    """Agreement with gold before/after refinement and flag quality (module docstring), over
+    the self-labelled pairs (replayed gold seed pairs, ``source`` seed, are left out)."""
     t = _read_parquet(path)
     if "gold_chosen" not in t:
         return {}
+    if "source" in t:
+        mine = [i for i, s in enumerate(t["source"]) if s == "self"]
+        t = {k: [v[i] for i in mine] for k, v in t.items()}
     decided = [i for i, (c, r) in enumerate(zip(t["gold_chosen"], t["gold_rejected"])) if c != r]
     out: dict[str, float] = {"decided_pairs": len(decided)}
     if not decided:
@@ -325,6 +335,23 @@ def label_quality(path: Path, alpha: float) -> dict[str, float]:
     return out
 
 
+def agreement_by_margin(path: Path) -> dict[str, float]:
+    """From judge_t's ``judged.parquet`` (every judged pair, its margin, gold scores): the
+    agreement with gold of the top f of pairs by margin, for f in KEPT_FRACTIONS (pairs gold
+    ties are left out of each share, as everywhere)."""
+    t = _read_parquet(path)
+    if "gold_chosen" not in t or not t["margin"]:
+        return {}
+    order = sorted(range(len(t["margin"])), key=lambda i: (-t["margin"][i], i))
+    out = {}
+    for f in KEPT_FRACTIONS:
+        top = [i for i in order[:round(f * len(order))] if t["gold_chosen"][i] != t["gold_rejected"][i]]
+        if top:
+            key = "agreement_judged" if f == 1.0 else f"agreement_top{round(100 * f)}"
+            out[key] = sum(t["gold_chosen"][i] > t["gold_rejected"][i] for i in top) / len(top)
+    return out
+
+
 def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
     name = run_name(cell, seed)
     run = grid.out / name
@@ -342,6 +369,9 @@ def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
         if config["data"].get("gold_pairs", "seed") == "seed" else 1.0,
         "length_penalty": jd["length_penalty"], "variant": (config.get("variant") or {}).get("name", "spa"),
         "run_seconds": status.get("seconds"), "run_dir": str(run),
+        "pair_rule": jd.get("pair_rule", "first_two"), "keep_fraction": jd.get("keep_fraction", 1.0),
+        "responses_per_prompt": config["generation"]["responses_per_prompt"],
+        "seed_replay": tr.get("seed_replay", 0.0),
     }
     rows = []
     policies = [("init", -1), ("pi_0", 0)] + [(f"pi_{t}", t) for t in range(1, int(config["run"]["iterations"]) + 1)]
@@ -355,9 +385,13 @@ def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
             row["pairs"], row["ties"] = judge.get("pairs"), judge.get("ties")
             row["agreement"] = judge.get("gold_agreement")
             row["judge_health"] = ledger.get(f"health_{it}", {}).get("accuracy")
+            row["judged_pairs"], row["replayed_pairs"] = judge.get("judged_pairs"), judge.get("replayed")
             labelled = run / "data" / f"iter_{it}" / "labelled_pairs.parquet"
             if labelled.exists():
                 row.update(label_quality(labelled, float(tr["alpha"])))
+            judged = run / "data" / f"iter_{it}" / "pairs" / "judged.parquet"
+            if judged.exists():
+                row.update(agreement_by_margin(judged))
         rows.append({k: row.get(k) for k in CSV_COLUMNS})
     return rows
 
@@ -413,11 +447,21 @@ def variant_table(diagnostics: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def collect(grid: Grid) -> list[dict]:
+def collect(grid: Grid, reuse_csv: Path | None = None) -> list[dict]:
+    """Every (cell, seed)'s rows from its run directory; with ``reuse_csv`` (an earlier
+    report's raw CSV), the rows of runs whose directory is not on this machine come from it,
+    marked ``reused`` (their figures are those of the commit that made that CSV)."""
+    reused = {}
+    if reuse_csv is not None:
+        for r in read_csv(reuse_csv):
+            reused.setdefault((r["cell"], int(r["seed"])), []).append(r)
     rows = []
     for cell in grid.cells:
         for seed in grid.seeds:
-            rows += collect_run(grid, cell, seed)
+            mine = collect_run(grid, cell, seed)
+            if not mine and (cell.name, seed) in reused:
+                mine = [{**{k: r.get(k) for k in CSV_COLUMNS}, "reused": True} for r in reused[(cell.name, seed)]]
+            rows += mine
     return rows
 
 
@@ -569,6 +613,30 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(rows: list[dict], grid: Grid) -> str:
+    """Issue #21's cells beside SPA and the seed DPO: win rates per iteration, the pairs each
+    iteration trained on and their agreement with gold (mean ± sd over seeds)."""
+    names = ["dpo_seed", "spa"] + [c.name for c in grid.cells if c.table == "#21"]
+    cells = [c for c in grid.cells if c.name in names and any(r["cell"] == c.name for r in rows)]
+    its = sorted({int(r["iteration"]) for r in rows if r["cell"] in names and int(r["iteration"]) >= 1})
+    head = (["cell", "seeds", "pi_0 win rate"] + [f"pi_{t} win rate" for t in its] + ["final LC win rate"]
+            + [f"pairs trained on, it {t}" for t in its] + [f"their agreement, it {t}" for t in its]
+            + ["minutes/run"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        seeds = len({int(r["seed"]) for r in rows if r["cell"] == cell.name})
+        cells_ = [cell.label, str(seeds), fmt(*mean_sd(_values(rows, cell.name, "win_rate", 0).values()))]
+        cells_ += [fmt(*mean_sd(_values(rows, cell.name, "win_rate", t).values())) for t in its]
+        cells_ += [fmt(*mean_sd(_values(rows, cell.name, "lc_win_rate", "final").values()))]
+        cells_ += [fmt(*mean_sd(_values(rows, cell.name, "pairs", t).values()), digits=0) for t in its]
+        cells_ += [fmt(*mean_sd(_values(rows, cell.name, "agreement", t).values())) for t in its]
+        secs = {int(r["seed"]): float(r["run_seconds"]) / 60 for r in rows
+                if r["cell"] == cell.name and r.get("run_seconds") not in (None, "")}
+        cells_ += [fmt(*mean_sd(secs.values()), digits=1)]
+        lines.append("| " + " | ".join(cells_) + " |")
+    return "\n".join(lines)
+
+
 def claims_table(verdicts: list[dict]) -> str:
     lines = ["| paper | claim | metric | a | b | a - b (mean ± sd over seeds) | seeds | verdict |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
@@ -660,6 +728,31 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
     fig.savefig(out / "label_quality.png", dpi=100)
     plt.close(fig)
     made.append(out / "label_quality.png")
+
+    curves = [r for r in rows if int(r["iteration"]) >= 1 and r.get("agreement_judged") is not None]
+    if curves:  # how sure the judge is against how right: agreement of the top f of pairs by margin
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for rule in sorted({str(r.get("pair_rule") or "first_two") for r in curves}):
+            for it in sorted({int(r["iteration"]) for r in curves}):
+                mine = [r for r in curves if int(r["iteration"]) == it and str(r.get("pair_rule") or "first_two") == rule]
+                keys = ["agreement_judged"] + [f"agreement_top{round(100 * f)}" for f in KEPT_FRACTIONS[1:]]
+                stats = [mean_sd(float(r[k]) for r in mine if r.get(k) is not None) for k in keys]
+                ms = [m for m, _, _ in stats]
+                sds = [0.0 if math.isnan(sd) else sd for _, sd, _ in stats]
+                ax.errorbar(KEPT_FRACTIONS, ms, yerr=sds, marker="o", capsize=3,
+                            label=f"{rule}, iteration {it} ({len(mine)} runs)")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(KEPT_FRACTIONS, [f"{f:g}" for f in KEPT_FRACTIONS])
+        ax.invert_xaxis()
+        ax.set_xlabel("kept fraction of the iteration's pairs (largest |margin| first)")
+        ax.set_ylabel("kept pairs agreeing with gold")
+        ax.set_title("the confidence filter: agreement against kept fraction")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "agreement_vs_kept.png", dpi=100)
+        plt.close(fig)
+        made.append(out / "agreement_vs_kept.png")
 
     points = iteration_gains(rows)
     if points:  # why an iteration helps or not: its gain against the quality of its labels
@@ -817,6 +910,7 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         shutil.copy2(p, dst)
         images.append(dst)
     statuses = {(r["cell"], r["seed"]): r["status"] for r in rows}
+    reused_runs = {(r["cell"], r["seed"]) for r in rows if r.get("reused")}
     not_done = sorted(f"{c}-s{s}" for (c, s), st in statuses.items() if st not in FINISHED)
     expected = len(grid.cells) * len(grid.seeds)
     text = [
@@ -840,6 +934,9 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "",
         f"- grid: `{_rel(grid.path)}` (below), data seeds {grid.seeds}; runs in `{_rel(grid.out)}/<cell>-s<seed>`",
         f"- raw numbers: [`results/{grid.name}.csv`](results/{grid.name}.csv) (one row per cell, seed and evaluated policy)",
+        *([f"- reused rows: {len(reused_runs)} runs ({', '.join(sorted({c for c, _ in reused_runs}))}) come from the "
+           "earlier raw CSV the command names (`--reuse-csv`): their run directories are not on this machine and "
+           "were not rerun; their figures are those of the commit that wrote that CSV"] if reused_runs else []),
         f"- machine: {machine()}",
         f"- run time summed over runs: {total_s / 3600:.2f} h ({finished} of {expected} runs finished" + (f"; unfinished: {', '.join(not_done)}" if not_done else "")
         + f"); wall clock while at least one run was going: {busy_wall_seconds(grid) / 3600:.2f} h "
@@ -864,6 +961,17 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         claims_table(verdicts) if verdicts else "(no claims listed in the grid file)",
         "",
     ]
+    if any(c.table == "#21" for c in grid.cells):
+        text += [
+            "## Self-labels that can be trusted (issue #21)",
+            "",
+            "The selection cells beside SPA and the seed DPO, per iteration: gold win rate, the self-labelled",
+            "pairs each iteration trained on (after the confidence filter; replayed seed pairs not counted)",
+            "and their agreement with gold (pairs gold ties left out). Their claims are the `#21` rows above.",
+            "",
+            selection_table(done_rows, grid),
+            "",
+        ]
     if any(is_variant_row(r) for r in rows):
         text += [
             "## What the variants did",
@@ -888,6 +996,9 @@ def write_docs(grid, rows, summary, verdicts, made, command, total_s, docs: Path
         "lc_win_rate_curves.png": "Length-controlled win rate per iteration.",
         "gain_vs_agreement.png": "Why an iteration helps or not: each point is one iteration of one run (cell, data "
         "seed), its labels' agreement with gold against the win-rate change it made.",
+        "agreement_vs_kept.png": "The confidence filter: of an iteration's judged pairs, the top fraction by "
+        "|implicit-reward margin|, and how many of those agree with gold (mean ± sd over the runs that wrote "
+        "judged.parquet, per pair rule and iteration).",
     }
     order = sorted(images, key=lambda p: 0 if p.name.endswith("label_quality.png") else 1)
     for p in order:
@@ -916,6 +1027,8 @@ def page_command(args: argparse.Namespace) -> str:
         parts += ["--jobs", str(args.jobs)]
     if args.no_share:
         parts.append("--no-share")
+    if args.reuse_csv:
+        parts += ["--reuse-csv", args.reuse_csv]
     if args.docs:
         parts += ["--docs", args.docs]
     return "nice -n 10 .venv/bin/python " + shlex.join(parts)
@@ -933,6 +1046,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--docs", default=None, help="also write this markdown page (e.g. docs/results.md)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and their overrides, validate configs")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own local Ray cluster)")
+    ap.add_argument("--reuse-csv", default=None,
+                    help="an earlier report's raw CSV (e.g. docs/results/reproduce.csv): rows of runs not on this "
+                    "machine are taken from it instead of being rerun; the page says which")
     ap.add_argument("--no-share", action="store_true",
                     help="every run makes its own pi_0 instead of copying it from a donor cell (run.start_from)")
     return ap
@@ -957,12 +1073,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     if not args.report_only:
+        if args.reuse_csv and not args.cells:  # runs the CSV holds and this machine lacks are not rerun
+            held = {(r["cell"], int(r["seed"])) for r in read_csv(Path(args.reuse_csv))}
+            cells = [c for c in cells if not all((c.name, s) in held and not (grid.out / run_name(c, s)).exists()
+                                                 for s in seeds)]
         run_grid(grid, cells, seeds, args.in_process, jobs=args.jobs, share=not args.no_share)
     invoked = "nice -n 10 .venv/bin/python " + shlex.join(["benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
     command = page_command(args)
     if invoked != command:
         command += f"\n# this page was written by: {invoked}"
-    rows = collect(grid)
+    rows = collect(grid, Path(args.reuse_csv) if args.reuse_csv else None)
     report(grid, rows, command, Path(args.docs) if args.docs else None)
     print(f"reproduce: {len(rows)} rows from {len({(r['cell'], r['seed']) for r in rows})} runs; "
           f"this call took {time.time() - started:.0f}s")

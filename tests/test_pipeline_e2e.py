@@ -41,7 +41,7 @@ def small_overrides(root, model, name="small"):
         "model.max_total_len=96",
         "data.task_kwargs={n_iterations: [40, 40], n_evaluation: 12}",
         "data.judge_holdout_fraction=0.05",
-        "judge.health_floor=0.0",
+        "judge.health_floor=0.0", "audit.floor=0.0",
         "generation.max_new_tokens=24",
         "generation.batch_size=32",
         "training.global_batch_size=8",
@@ -64,14 +64,23 @@ def test_small_run_end_to_end(tmp_path, tiny_model):
     ledger = json.loads((run / "stages.json").read_text())["finished"]
     expected = {"prepare", "eval_baseline", "eval_init", "train_0", "eval_pi_0"}
     for t in (1, 2):
-        expected |= {f"health_{t}", f"gen_{t}", f"judge_{t}", f"train_{t}", f"eval_pi_{t}"}
+        expected |= {f"health_{t}", f"gen_{t}", f"judge_{t}", f"audit_{t}", f"train_{t}", f"eval_pi_{t}"}
     assert expected <= set(ledger)
 
     gens = pq.read_table(run / "data/iter_1/generations/generations.parquet").to_pydict()
     assert len(gens["text"]) == 80  # 40 prompts x 2 samples
     pairs = pq.read_table(run / "data/iter_1/pairs/pairs.parquet").to_pydict()
-    assert len(pairs["chosen_ids"]) + ledger["judge_1"]["ties"] == 40
-    assert all(c >= 0.5 for c in pairs["probability"])
+    # every prompt: a trained pair, a tie, or a pair held out for the label audit (a quarter at most)
+    assert len(pairs["chosen_ids"]) + ledger["judge_1"]["ties"] + ledger["judge_1"]["audit_pairs"] == 40
+    assert 0 < ledger["judge_1"]["audit_pairs"] <= ledger["judge_1"]["kept"] // 4
+    assert all(c >= 0.5 for c in pairs["probability"]) and set(pairs["source"]) == {"self"}
+    judged = pq.read_table(run / "data/iter_1/pairs/judged.parquet").to_pydict()
+    assert len(judged["kept"]) == 40 - ledger["judge_1"]["ties"] and all(judged["kept"])
+    key = lambda t, i: (tuple(t["prompt_ids"][i]), tuple(t["chosen_ids"][i]), tuple(t["rejected_ids"][i]))  # noqa: E731
+    audited = {key(judged, i) for i, a in enumerate(judged["audit"]) if a}
+    trained = {key(pairs, i) for i in range(len(pairs["prompt_ids"]))}
+    assert audited and not audited & trained, "audited pairs are never trained on"
+    assert ledger["audit_1"]["audited"] == ledger["judge_1"]["audit_pairs"]
     for t in (0, 1, 2):
         assert (run / f"checkpoints/pi_{t}/model.safetensors").exists()
     assert (run / "checkpoints/pi_1/noise_flags.parquet").exists()

@@ -9,20 +9,24 @@ boundaries), the embedded task's stage functions, tiny Llama folders.
 
 import shutil
 
+import pytest
+
 import pyarrow.parquet as pq
 
 from _tiny_model import save_tiny_model_dir
 from spa_ray.pipeline.config import load_config
 from spa_ray.pipeline.stages import (
-    Run, _judge, _judge_rows, _rows_digest, check_judge_health, generate_responses, judge_pairs, prepare_data,
+    Run, _judge, _rows_digest, check_judge_health, generate_responses, judge_pairs, prepare_data,
 )
 from spa_ray.data.tables import read_parquet
+from spa_ray.pipeline.self_labels import judge_rows
 
 
-def _config(root, pi_init, stream):
+def _config(root, pi_init, stream, rule="first_two", n=2, extra=()):
     return load_config(None, [
-        f"run.root={root}", f"run.name=stream_{stream}", f"model.name_or_path={pi_init}", "run.iterations=1",
-        "data.task_kwargs={n_iterations: [30], n_evaluation: 4}", "judge.health_floor=0.0",
+        f"run.root={root}", f"run.name=stream_{stream}_{rule}", f"model.name_or_path={pi_init}", "run.iterations=1",
+        f"judge.pair_rule={rule}", f"generation.responses_per_prompt={n}", *extra,
+        "data.task_kwargs={n_iterations: [30], n_evaluation: 4}", "judge.health_floor=0.0", "audit.floor=0.0",
         f"judge.stream={str(stream).lower()}", "generation.max_new_tokens=12",
         "placement.generators.count=2", "placement.generators.num_cpus=0.5",
         "placement.judges.count=1", "placement.judges.num_cpus=0.5", "placement.trainer.num_cpus=0.5",
@@ -34,12 +38,18 @@ def _adopt_pi_0(run, source):
         shutil.copytree(source, out, dirs_exist_ok=True)
 
 
-def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path):
+SELECT = ("judge.keep_fraction=0.5", "training.seed_replay=0.25")
+
+
+@pytest.mark.parametrize("rule,n,rows_per_prompt,extra", [("first_two", 2, 1, ()), ("max_min", 3, 2, SELECT)])
+def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path, rule, n, rows_per_prompt, extra):
+    """max_min over 3 samples: 2 judge rows per prompt, so judge shards split prompts too;
+    with it the confidence filter and seed replay, on the real seed pairs table."""
     pi_init = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
     pi_0 = save_tiny_model_dir(tmp_path / "pi_0", seed=1)
     tables, samples, health = {}, {}, {}
     for stream in (True, False):
-        with Run.open(_config(tmp_path, pi_init, stream)) as run:
+        with Run.open(_config(tmp_path, pi_init, stream, rule, n, extra)) as run:
             data = prepare_data(run)
             _adopt_pi_0(run, pi_0)
             health[stream] = check_judge_health(run, 1, data)
@@ -50,13 +60,21 @@ def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path):
             samples[stream] = pq.read_table(generations).to_pydict()
             if stream:
                 digest, ahead = run.labels_ahead[1]
-                assert len(ahead) == 30 and len(run.actors.generators.actors) == 2
+                assert len(ahead) == 30 * rows_per_prompt and len(run.actors.generators.actors) == 2
                 # the same rows labelled afterwards, as judge_pairs would without streaming
-                rows = _judge_rows(read_parquet(generations), False, where=generations)[1]
+                rows = judge_rows(read_parquet(generations), rule, False, where=generations)[1]
                 assert digest == _rows_digest(rows), "judge_1 would not recognise the rows it labelled"
                 assert _judge(run, 1, rows) == ahead
             pairs = judge_pairs(run, 1, generations)
             assert run.labels_ahead == {}  # taken by judge_t
             tables[stream] = pq.read_table(pairs).to_pydict()
+            judged = pq.read_table(pairs.with_name("judged.parquet")).to_pydict()
+            info = run.dir.stage_info("judge_1")
+            assert sum(judged["kept"]) == info["kept"] == round((0.5 if extra else 1.0) * len(judged["kept"]))
+            kept_margins = [m for m, k in zip(judged["margin"], judged["kept"]) if k]
+            assert min(kept_margins) >= max([m for m, k in zip(judged["margin"], judged["kept"]) if not k], default=0)
+            sources = tables[stream]["source"]
+            assert sources.count("self") == info["kept"] - info["audit_pairs"]
+            assert sources.count("seed") == info["replayed"] == (round(sources.count("self") / 3) if extra else 0)
     assert tables[True] == tables[False]
     assert samples[True] == samples[False] and health[True] == health[False]

@@ -43,7 +43,7 @@ def _open(root, name, pi_init, stream=False):
     return Run.open(load_config(None, [
         f"run.root={root}", f"run.name={name}", f"model.name_or_path={pi_init}",
         "data.task=spa_ray.tasks.ultrafeedback:UltraFeedbackTask", f"data.task_kwargs={{dataset: '{FIXTURE}'}}",
-        "generation.max_new_tokens=24", "generation.batch_size=8", "judge.max_tokens_per_batch=48",
+        "audit.pairs=0", "generation.max_new_tokens=24", "generation.batch_size=8", "judge.max_tokens_per_batch=48",
         "placement.generators={count: 2, num_cpus: 0.25}", "placement.judges={count: 2, num_cpus: 0.25}",
         f"judge.stream={str(stream).lower()}",
     ]))

@@ -48,7 +48,7 @@ def overrides(root: Path, model, dataset, task="spa_ray.tasks.ultrafeedback:Ultr
         f"run.root={root}", "run.name=bad", f"model.name_or_path={model}", f"data.task={task}",
         f"data.task_kwargs={{dataset: '{dataset}', seed_fraction: 0.3, iteration_fractions: [0.2, 0.2], "
         "holdout_fraction: 0.1}",
-        "model.max_prompt_len=48", "model.max_total_len=96", *extra,
+        "model.max_prompt_len=48", "model.max_total_len=96", "audit.pairs=0", *extra,  # no gold judge to audit with
     ]
 
 

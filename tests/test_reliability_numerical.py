@@ -42,7 +42,7 @@ def _config(root, pi_init, *extra):
     return load_config(None, [
         f"run.root={root}", "run.name=num", f"model.name_or_path={pi_init}",
         "data.task=spa_ray.tasks.ultrafeedback:UltraFeedbackTask", f"data.task_kwargs={{dataset: '{FIXTURE}'}}",
-        "training.global_batch_size=4", "training.micro_batch_size=2", "training.zero_stage=0", *extra,
+        "training.global_batch_size=4", "training.micro_batch_size=2", "training.zero_stage=0", "audit.pairs=0", *extra,
     ])
 
 

@@ -163,7 +163,7 @@ def test_the_drivers_local_cluster_serves_on_localhost_with_token_auth(tmp_path)
         from spa_ray.pipeline.stages import Run
         from ray._private.authentication.authentication_utils import is_token_auth_enabled
         config = load_config(None, ["run.root={tmp_path / 'runs'}", "model.name_or_path={model}",
-            "data.task=spa_ray.tasks.ultrafeedback:UltraFeedbackTask", "data.task_kwargs={{dataset: '{fixture}'}}"])
+            "data.task=spa_ray.tasks.ultrafeedback:UltraFeedbackTask", "data.task_kwargs={{dataset: '{fixture}'}}", "audit.pairs=0"])
         with Run.open(config):
             info = ray._private.worker._global_node.address_info
             print("RESULT", json.dumps({{"webui_url": info.get("webui_url"), "token": is_token_auth_enabled()}}))

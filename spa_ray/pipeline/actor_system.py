@@ -220,20 +220,20 @@ class ActorSystem:
         return generating
 
     def generate_and_label(self, t: int, policy_path: str, previous_path: str, prompts: list[str], sampling: dict,
-                           pair_rows: Callable[[list[dict]], list[dict]], started: ShardedCall | None = None
-                           ) -> tuple[list[dict], list[dict], list[dict]]:
+                           pair_rows: Callable[[list[dict]], list[dict]], rows_per_prompt: int = 1,
+                           started: ShardedCall | None = None) -> tuple[list[dict], list[dict], list[dict]]:
         """``generate`` with pi_{t-1}, and ``label`` of the pairs ``pair_rows`` makes of them
-        (one row per prompt), each judge shard sent as soon as the samples of its prompts
-        exist: the judges work while the generators still sample. The judge shards are
-        those ``label`` would use, so the labels are the same as labelling afterwards.
-        ``started``: the same generation, sent earlier by ``start_generation``.
-        Returns (generation rows, the judge rows labelled, their labels)."""
-        prompts = list(prompts)
+        (``rows_per_prompt`` rows per prompt, in prompt order), each judge shard sent as soon
+        as the samples of its prompts exist: the judges work while the generators still
+        sample. The judge shards are those ``label`` would use, so the labels are the same
+        as labelling afterwards. ``started``: the same generation, sent earlier by
+        ``start_generation``. Returns (generation rows, the judge rows labelled, their labels)."""
+        prompts, per = list(prompts), rows_per_prompt
         generating = started or self.start_generation(t, policy_path, prompts, sampling)
         judges = self._judges_for(t, policy_path, previous_path)
-        labelling = ShardedCall(judges, "label", len(prompts))
+        labelling = ShardedCall(judges, "label", len(prompts) * per)
         samples: list[list[dict] | None] = [None] * len(prompts)  # per prompt, once its shard is back
-        judge_rows: list[dict | None] = [None] * len(prompts)
+        judge_rows: list[dict | None] = [None] * (len(prompts) * per)
         sent: set[int] = set()
         while generating.pending or labelling.pending:
             ready, _ = ray.wait(list(generating.pending) + list(labelling.pending), num_returns=1)
@@ -247,8 +247,10 @@ class ActorSystem:
                 index = row["prompt_index"]
                 samples[index] = (samples[index] or []) + [row]
             for j, (start, stop) in enumerate(labelling.shards):
-                if j not in sent and all(samples[i] is not None for i in range(start, stop)):
-                    judge_rows[start:stop] = pair_rows([r for i in range(start, stop) for r in samples[i]])
+                first, last = start // per, (stop - 1) // per + 1  # the prompts of rows start..stop-1
+                if j not in sent and all(samples[i] is not None for i in range(first, last)):
+                    rows = pair_rows([r for i in range(first, last) for r in samples[i]])
+                    judge_rows[start:stop] = rows[start - first * per:stop - first * per]
                     labelling.submit(j, judge_rows)
                     sent.add(j)
         rows = generating.collect()

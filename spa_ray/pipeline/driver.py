@@ -4,6 +4,7 @@
     for t in 1..T:
         y1, y2 ~ pi_{t-1}(.|x) for x in X_t            generators
         label the pair by Eq. 7-8 (pi_{t-1} vs pi_init)  judges
+        audit a random sample of the labels; stop if bad auditor (gold judge, a function, a file)
         pi_t <- refined DPO from pi_{t-1} (Eq. 9-12)     Ray Train group
         broadcast pi_t to generators and judges
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 import sys
 
 from spa_ray.pipeline.config import SPAConfig
+from spa_ray.pipeline.label_audit import LabelAuditError
 from spa_ray.pipeline.stages import (
     JudgeHealthError,
     Run,
+    audit_labels,
     check_judge_health,
     evaluate,
     generate_responses,
@@ -45,12 +48,13 @@ def run_spa(config: SPAConfig) -> int:
 
         for t in range(1, config.run.iterations + 1):
             try:
-                check_judge_health(run, t, data)                  # stop instead of training on noise
-            except JudgeHealthError as exc:
+                check_judge_health(run, t, data)                  # off-policy: the judge on held-out seed pairs
+                generations = generate_responses(run, t, prompts=data.iteration_prompts[t - 1])
+                pairs = judge_pairs(run, t, generations)          # pair rule, confidence filter, seed replay
+                audit_labels(run, t, pairs)                       # on-policy: stop instead of training on noise
+            except (JudgeHealthError, LabelAuditError) as exc:
                 print(f"spa-ray: {exc}", file=sys.stderr)
                 return 3
-            generations = generate_responses(run, t, prompts=data.iteration_prompts[t - 1])
-            pairs = judge_pairs(run, t, generations)
             pi_prev = train_policy(run, t=t, policy=pi_prev, pairs=pairs)  # init = ref = pi_{t-1}
             evaluate(run, policy=pi_prev, version=t + 1, name=f"pi_{t}")
 

@@ -63,6 +63,11 @@ class Run:
         self.task = load_task(config.data.task, **config.data.task_kwargs)
         self.pi_init = self._resolve_pi_init()
         self.task.use_policy(self.pi_init)  # a task with on-policy gold pairs samples from this pi_init
+        if config.audit.pairs and config.audit.auditor == "gold" and not self.task.has_gold_judge:
+            raise ConfigError(
+                f"audit.auditor=gold: task {config.data.task!r} has no gold judge to audit self-labels with; set "
+                "audit.auditor=file (a person labels a sample each iteration) or module:function, or audit.pairs=0"
+            )
         from spa_ray.models.loading import check_model_folder
 
         check_model_folder(self.pi_init)  # safetensors weights, before any stage starts
@@ -114,7 +119,8 @@ class Run:
             # read through the loader: settings added to the project since the run started
             # take their defaults, so an older run resumes if it did not rely on them
             before = config_to_dict(load_config(path))
-            allowed = {"run.iterations", "run.start_from"}
+            # stop rules decide whether to go on, never what a stage computed
+            allowed = {"run.iterations", "run.start_from", "judge.health_floor", "audit.floor", "audit.wait_s"}
             diffs = differing_keys(before, resolved, ignore=allowed | RESOURCE_SETTINGS)
             if diffs:
                 raise ConfigError(
@@ -240,7 +246,7 @@ def prepare_data(run: Run) -> PreparedData:
     folder = run.dir.path / "data" / "prepare"
     prompts = read_json(folder / "prompts.json")
     return PreparedData(
-        seed_pairs=folder / "seed_pairs.parquet",
+        seed_pairs=_seed_pairs_path(run),
         judge_holdout=folder / "judge_holdout.parquet",
         iteration_prompts=prompts["iterations"],
         evaluation_prompts=prompts["evaluation"][: run.config.evaluation.num_prompts],
@@ -411,11 +417,15 @@ def _sample(run: Run, version: int, path: str, prompts: list[str], seed: int, n:
 def _sample_and_label(run: Run, t: int, prompts: list[str], seed: int) -> list[dict]:
     """``_sample`` for gen_t, with the judges labelling each shard's pairs as it arrives; the
     labels wait in ``run.labels_ahead`` for judge_t, keyed by a digest of the rows labelled."""
-    reuse = run.config.judge.reuse_generator_logprobs
+    from spa_ray.judging.pair_selection import scored_sample_pairs
+    from spa_ray.pipeline.self_labels import judge_rows
+
+    reuse, rule = run.config.judge.reuse_generator_logprobs, run.config.judge.pair_rule
     ahead_prompts, ahead, started = run.generation_ahead.pop(t, (None, None, time.time()))  # sent during health_t
     rows, judged, labels = run.actors.generate_and_label(
         t, _policy_path(run, t - 1), _policy_path(run, t - 2), prompts, _sampling(run, seed),
-        pair_rows=lambda samples: _judge_rows(_columns(samples), reuse, where="the generator's samples")[1],
+        pair_rows=lambda samples: judge_rows(_columns(samples), rule, reuse, where="the generator's samples")[1],
+        rows_per_prompt=len(scored_sample_pairs(run.config.generation.responses_per_prompt, rule)),
         started=ahead if ahead_prompts == list(prompts) else None,
     )
     _gauge_tokens_per_second(run, rows, started)
@@ -440,30 +450,6 @@ def _rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def _judge_rows(gen: dict[str, list], reuse_logprobs: bool, where: Any) -> tuple[list[tuple[int, int]], list[dict]]:
-    """The pairs to judge: each prompt's first two samples (by sample_index), as judge rows."""
-    by_prompt: dict[int, list[int]] = {}
-    for i, p in enumerate(gen["prompt_index"]):
-        by_prompt.setdefault(p, []).append(i)
-    order = [sorted(idx, key=lambda i: gen["sample_index"][i])[:2] for _, idx in sorted(by_prompt.items())]
-    rows = [
-        {"prompt_ids": gen["prompt_ids"][a], "response_ids_1": gen["response_ids"][a], "response_ids_2": gen["response_ids"][b],
-         "prompt": gen["prompt"][a], "response_1": gen["text"][a], "response_2": gen["text"][b]}
-        for a, b in order
-    ]
-    if reuse_logprobs:
-        # Off by default: the engine's numerics (KV cache, padded batches, vLLM kernels)
-        # make these differ from a teacher-forced log pi, which is what Eq. 7 asks for.
-        if "policy_logp" not in gen:
-            raise RuntimeError(
-                f"judge.reuse_generator_logprobs=true, but {where} has no untempered log-probs "
-                "(policy_logp): its generator did not return them"
-            )
-        for row, (a, b) in zip(rows, order):
-            row["policy_logp_1"], row["policy_logp_2"] = gen["policy_logp"][a], gen["policy_logp"][b]
-    return order, rows
-
-
 def _columns(rows: list[dict]) -> dict[str, list]:
     """Generation rows as table columns; the per-token untempered log-probs are kept only as
     their sum ``policy_logp`` (log pi of the response under the generating policy)."""
@@ -475,55 +461,99 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 
 
 def judge_pairs(run: Run, t: int, generations: Path) -> Path:
-    """D_t: each prompt's two samples ordered by the judge -- by default the implicit reward
-    r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8), else judge.kind's trained model; ties dropped."""
+    """D_t: for each prompt, the pair judge.pair_rule takes of its samples, ordered by the
+    judge -- by default the implicit reward r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8), else
+    judge.kind's trained model; ties dropped. Then the confidence filter (judge.keep_fraction,
+    judge.min_margin) keeps the surest pairs, audit.pairs of those are held out for the label
+    audit, and training.seed_replay mixes gold seed pairs in.
+
+    pairs.parquet: what train_t reads (column source: self or seed). judged.parquet: every
+    judged pair with its margin, kept and audit marks (and gold scores, for the record)."""
     stage = f"judge_{t}"
     folder = run.dir.path / "data" / f"iter_{t}" / "pairs"
     if run.dir.is_done(stage):
         return folder / "pairs.parquet"
+    from spa_ray.pipeline.self_labels import judge_rows, mark_pairs, ordered_pairs, training_table
+
+    j = run.config.judge
     gen = read_parquet(generations)
-    order, rows = _judge_rows(gen, run.config.judge.reuse_generator_logprobs, where=generations)
+    order, rows = judge_rows(gen, j.pair_rule, j.reuse_generator_logprobs, where=generations)
     digest, labels = run.labels_ahead.pop(t, (None, None))
     if labels is None or digest != _rows_digest(rows):  # none labelled during gen_t (e.g. a resumed run)
         started = time.time()
         labels = _judge(run, t, rows)
         run.telemetry.gauge("pairs_per_second", len(rows) / max(time.time() - started, 1e-9))
-
-    columns: dict[str, list] = {k: [] for k in (
-        "prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
-        "reward_chosen", "reward_rejected", "probability",
-    )}
-    ties = first_chosen = 0
-    for (a, b), label in zip(order, labels):
-        if label["is_tie"]:
-            ties += 1
-            continue
-        w, l = (a, b) if label["first_is_chosen"] else (b, a)
-        first_chosen += int(label["first_is_chosen"])
-        rw, rl = (label["reward_1"], label["reward_2"]) if label["first_is_chosen"] else (label["reward_2"], label["reward_1"])
-        columns["prompt"].append(gen["prompt"][a])
-        columns["chosen"].append(gen["text"][w])
-        columns["rejected"].append(gen["text"][l])
-        columns["prompt_ids"].append(gen["prompt_ids"][a])
-        columns["chosen_ids"].append(gen["response_ids"][w])
-        columns["rejected_ids"].append(gen["response_ids"][l])
-        columns["reward_chosen"].append(rw)
-        columns["reward_rejected"].append(rl)
-        columns["probability"].append(max(label["probability"], 1.0 - label["probability"]))
-    kept = len(columns["prompt"])
-    stats: dict[str, Any] = {"pairs": kept, "ties": ties, "label_balance": first_chosen / max(kept, 1)}
-    gold = _gold_scores(run, columns["prompt"], columns["chosen"], columns["rejected"])
+    judged, stats = ordered_pairs(gen, order, labels, j.pair_rule)
+    gold = _gold_scores(run, judged["prompt"], judged["chosen"], judged["rejected"])
     if gold is not None:
-        columns["gold_chosen"], columns["gold_rejected"] = gold
-        decided = [(c, r) for c, r in zip(*gold) if c != r]
-        stats["gold_agreement"] = sum(c > r for c, r in decided) / max(len(decided), 1)
-        stats["gold_decided_pairs"] = len(decided)
+        judged["gold_chosen"], judged["gold_rejected"] = gold
+    seed = _gen_seed(run, t)
+    kept, audited = mark_pairs(judged["margin"], j.keep_fraction, j.min_margin, run.config.audit.pairs, seed)
+    replay = run.config.training.seed_replay
+    table = training_table(judged, kept, audited, read_parquet(_seed_pairs_path(run)) if replay else {}, replay, seed)
+    stats.update(pairs=table["source"].count("self"), judged_pairs=len(kept), kept=sum(kept),
+                 audit_pairs=sum(audited), replayed=table["source"].count("seed"))
+    if gold is not None:
+        trained = [k and not a for k, a in zip(kept, audited)]
+        stats.update(gold_agreement=_agreement(judged, trained), gold_agreement_judged=_agreement(judged, [True] * len(kept)))
+        stats["gold_decided_pairs"] = sum(c != r for c, r, m in zip(*gold, trained) if m)
     with run.dir.stage_dir(stage, "data", f"iter_{t}", "pairs", **stats) as out:
         from spa_ray.training.pairs_table import write_pairs
 
-        write_pairs(out / "pairs.parquet", columns)
+        write_parquet(out / "judged.parquet", {**judged, "kept": kept, "audit": audited})
+        write_pairs(out / "pairs.parquet", table)
     run.telemetry.stage(stage, iteration=t, **stats)
     return folder / "pairs.parquet"
+
+
+def audit_labels(run: Run, t: int, pairs: Path) -> dict[str, Any]:
+    """The on-policy label audit of judge_t: the pairs it held out, labelled by audit.auditor;
+    LabelAuditError (the run stops before train_t) when agreement is below audit.floor."""
+    from spa_ray.pipeline.label_audit import LabelAuditError, audit_summary, make_auditor
+
+    stage, cfg = f"audit_{t}", run.config.audit
+    if run.dir.is_done(stage):
+        return run.dir.stage_info(stage)
+    if not cfg.pairs:
+        return {}
+    judged = read_parquet(Path(pairs).with_name("judged.parquet"))
+    rows = [i for i, a in enumerate(judged["audit"]) if a]
+    auditor = make_auditor(cfg.auditor, run.task, run.dir.path / "data" / f"iter_{t}" / "audit_request", cfg.wait_s,
+                           seed=_gen_seed(run, t))
+    verdicts = list(auditor([judged["prompt"][i] for i in rows], [judged["chosen"][i] for i in rows],
+                            [judged["rejected"][i] for i in rows]))
+    if len(verdicts) != len(rows):
+        raise LabelAuditError(f"label audit: audit.auditor={cfg.auditor} returned {len(verdicts)} labels for "
+                              f"{len(rows)} pairs")
+    summary = audit_summary(verdicts, cfg.floor)  # refuses anything but True / False / None
+    verdicts = [None if v is None else bool(v) for v in verdicts]
+    health = run.dir.stage_info(f"health_{t}").get("accuracy") if run.dir.is_done(f"health_{t}") else None
+    run.telemetry.stage(stage, iteration=t, judge_health=health, **summary)
+    print(f"spa-ray: label audit {t}: self-labels agree with audit.auditor={cfg.auditor} on "
+          f"{summary['agreement']:.3f} (95% CI {summary['ci_low']:.3f}-{summary['ci_high']:.3f}) of "
+          f"{summary['decided']} decided pairs; judge health (off-policy) {health}", flush=True)
+    if not summary["passed"]:
+        raise LabelAuditError(
+            f"iteration {t}: the self-labels agree with the auditor ({cfg.auditor}) on only {summary['agreement']:.3f} "
+            f"of {summary['decided']} audited pairs (95% CI {summary['ci_low']:.3f}-{summary['ci_high']:.3f}), wholly "
+            f"below audit.floor={cfg.floor}; stopping before pi_{t} is trained on them. pi_{t - 1} and everything before "
+            "it are kept. Lower training.learning_rate or judge.keep_fraction, or lower the floor "
+            "knowingly (audit.floor may change on resume)."
+        )
+    with run.dir.stage_dir(stage, "data", f"iter_{t}", "audit", **summary) as out:
+        write_json(out / "audit.json", summary)
+        write_parquet(out / "audited.parquet", {"pair": rows, "agrees": verdicts})
+    return summary
+
+
+def _agreement(judged: dict[str, list], mask: list[bool]) -> float:
+    """Share of the masked pairs whose label agrees with gold, among those gold does not tie."""
+    decided = [(c, r) for c, r, m in zip(judged["gold_chosen"], judged["gold_rejected"], mask) if m and c != r]
+    return sum(c > r for c, r in decided) / max(len(decided), 1)
+
+
+def _seed_pairs_path(run: Run) -> Path:
+    return run.dir.path / "data" / "prepare" / "seed_pairs.parquet"
 
 
 def _gold_scores(run: Run, prompts: list[str], *responses: list[str]) -> tuple[list[float], ...] | None:
@@ -656,9 +686,10 @@ def _flag_quality(checkpoint: Path, pairs: Path) -> dict[str, float]:
     table = read_parquet(pairs)
     out = {"noise_flag_rate": sum(flags["z"]) / max(len(flags["z"]), 1)}
     if "gold_chosen" in table:
+        self_labelled = [table.get("source", ["self"] * len(table["gold_chosen"]))[i] == "self" for i in flags["pair_index"]]
         wrong = [table["gold_chosen"][i] < table["gold_rejected"][i] for i in flags["pair_index"]]
-        flagged = [w for w, z in zip(wrong, flags["z"]) if z]
-        unflagged = [w for w, z in zip(wrong, flags["z"]) if not z]
+        flagged = [w for w, z, s in zip(wrong, flags["z"], self_labelled) if z and s]  # replayed gold pairs left out
+        unflagged = [w for w, z, s in zip(wrong, flags["z"], self_labelled) if not z and s]
         if flagged:
             out["flagged_mislabelled"] = sum(flagged) / len(flagged)
         if unflagged:
@@ -734,6 +765,8 @@ def run_results(run_dir: RunDirectory, iterations: int) -> list[dict[str, Any]]:
                 row["ties"] = info.get("ties", 0)
             if run_dir.is_done(f"health_{t}"):
                 row["judge_health"] = run_dir.stage_info(f"health_{t}").get("accuracy", math.nan)
+            if run_dir.is_done(f"audit_{t}"):
+                row["label_audit"] = run_dir.stage_info(f"audit_{t}").get("agreement", math.nan)
         rows.append(row)
     return rows
 
@@ -742,7 +775,7 @@ def print_final_table(run: Run) -> None:
     rows = results_table(run)
     cols = [("stage", "stage", "{}"), ("win_rate", "gold win rate", "{:.3f}"), ("lc_win_rate", "LC win rate", "{:.3f}"),
             ("mean_length", "length", "{:.1f}"), ("label_agreement", "label agreement", "{:.3f}"),
-            ("judge_health", "judge health", "{:.3f}")]
+            ("label_audit", "label audit", "{:.3f}"), ("judge_health", "judge health", "{:.3f}")]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = []
@@ -757,6 +790,7 @@ def print_final_table(run: Run) -> None:
 
 
 __all__ = [
-    "JudgeHealthError", "NotEnoughPairsError", "PreparedData", "Run", "check_judge_health", "evaluate", "generate_responses",
+    "JudgeHealthError", "NotEnoughPairsError", "PreparedData", "Run", "audit_labels", "check_judge_health", "evaluate",
+    "generate_responses",
     "judge_pairs", "prepare_data", "prepare_judge_model", "print_final_table", "results_table", "run_results", "train_policy",
 ]

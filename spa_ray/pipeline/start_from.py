@@ -32,7 +32,7 @@ SEED_STAGES = ("prepare", "eval_baseline", "eval_init", "train_0", "eval_pi_0")
 #: settings read only after pi_0's evaluation (a section name covers all its keys)
 ITERATION_SETTINGS = frozenset({
     "run.name", "run.root", "run.iterations", "run.start_from",
-    "judge",
+    "judge", "audit", "generation.responses_per_prompt", "training.seed_replay",
     "training.self_refine", "training.decoupled_noise_detection", "training.alpha", "training.k_percent",
     "training.lambda_first", "training.denoise_warmup", "training.confidence_window", "training.iteration_epochs",
 })

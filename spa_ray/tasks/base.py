@@ -115,7 +115,10 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def score(self, prompt: str, response: str) -> float:
-        """The gold judge: higher is better. For seed labels and evaluation only."""
+        """The gold judge: higher is better. For seed labels, evaluation and the label audit only."""
+
+    #: whether ``score`` is a gold judge (a dataset of labelled pairs alone has none)
+    has_gold_judge: bool = True
 
     def score_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):

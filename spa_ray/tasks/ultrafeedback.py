@@ -69,6 +69,8 @@ class UltraFeedbackTask(Task):
         self._loaded()
         return [self._gold[prompt.strip()] for prompt in prompts]
 
+    has_gold_judge = False
+
     def score(self, prompt: str, response: str) -> float:
         raise NotImplementedError(
             "UltraFeedback has no gold judge to call here: score the written alpaca_eval.json with alpaca_eval"
