@@ -107,7 +107,7 @@ PRESET_TARGETS = {
 VARIANT_TARGET = ["cpu-2"]  # variants/ set only variant.* keys: on their own they are the defaults
 
 #: the README's ```yaml documents, in order, and the cluster each is written for
-README_TARGETS = ["gpu-8", "aws"]
+README_TARGETS = ["gpu-8", "aws", "gpu-8"]
 
 
 def preset_targets() -> dict[str, list[str]]:

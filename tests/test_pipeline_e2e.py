@@ -7,10 +7,6 @@ code path as the default run, at toy sizes.
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,3 +93,30 @@ def test_small_run_end_to_end(tmp_path, tiny_model):
     before = {p: _sha(p) for p in run.rglob("*.safetensors")}
     assert run_spa(config) == 0
     assert {p: _sha(p) for p in run.rglob("*.safetensors")} == before
+
+
+def test_judge_on_the_trainers_ranks_runs_the_loop_without_judge_actors(tmp_path, tiny_model, capfd):
+    """judge.on_trainer: the health check and judge_1 are labelled by the trainer group's
+    rank(s) with pi_0 (from their memory) against pi_init; the labels equal a judge actor's."""
+    from spa_ray.actors import JudgeActor
+    from spa_ray.pipeline.self_labels import judge_rows
+
+    overrides = small_overrides(tmp_path, tiny_model, name="on_trainer") + ["judge.on_trainer=true", "run.iterations=1"]
+    config = load_config(None, overrides)
+    assert run_spa(config) == 0
+    out, err = capfd.readouterr()
+    assert "judges.label" not in out + err and "generators.generate" in out + err  # no judge pool was made
+    run = tmp_path / "on_trainer"
+    ledger = json.loads((run / "stages.json").read_text())["finished"]
+    assert {"health_1", "judge_1", "audit_1", "train_1", "eval_pi_1"} <= set(ledger)
+    gen = pq.read_table(run / "data/iter_1/generations/generations.parquet").to_pydict()
+    order, rows = judge_rows(gen, "first_two", False, where="test")
+    actor = JudgeActor(str(run / "checkpoints/pi_0"), tiny_model, version=1, beta=config.judge.beta,
+                       max_tokens_per_batch=config.judge.max_tokens_per_batch)
+    expected = {tuple(r["prompt_ids"]): e for r, e in zip(rows, actor.label(rows))}
+    judged = pq.read_table(run / "data/iter_1/pairs/judged.parquet").to_pydict()
+    assert len(judged["prompt_ids"]) == 40 - ledger["judge_1"]["ties"]
+    for i, prompt in enumerate(judged["prompt_ids"]):
+        e = expected[tuple(prompt)]
+        assert judged["reward_chosen"][i] == pytest.approx(max(e["reward_1"], e["reward_2"]), abs=1e-5)
+        assert judged["reward_rejected"][i] == pytest.approx(min(e["reward_1"], e["reward_2"]), abs=1e-5)

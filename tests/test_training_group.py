@@ -97,3 +97,37 @@ def test_a_stage_past_its_failure_budget_raises_and_the_group_serves_the_next(ra
     assert ok.attempts == 1 and ok.weights.checksum == _disk_checksum(ok.output_dir)
     assert ok.details["threads"] == 2
     assert load_causal_lm(ok.output_dir) is not None
+
+
+@pytest.mark.timeout(1800)
+def test_the_judge_on_the_trainers_ranks_labels_as_a_judge_actor_does(ray_local, tmp_path):
+    """judge.on_trainer: the two ranks split the rows, label them with pi_{t-1} (from their
+    memory, or from its folder) against pi_init, and rank 0 returns them in row order."""
+    from test_actors_judge import _rows
+
+    from spa_ray.actors import JudgeActor
+
+    policy = save_tiny_model_dir(tmp_path / "pi_prev", seed=1)
+    reference = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
+    rows = _rows(13)
+    judge = dict(beta=0.1, length_penalty=0.01, max_tokens_per_batch=64)
+    payload = dict(policy_path=str(policy), reference_path=str(reference), dtype="auto", version=3, **judge)
+    with TrainerGroup(WORKERS, tmp_path / "state") as group:
+        group.warm(policy)
+        held = group.warmed()
+        from_memory = group.label(rows, {**payload, "policy_checksum": held.checksum})
+        from_folder = group.label(rows, {**payload, "policy_checksum": None})
+        no_reference = group.label(rows[:4], {**payload, "policy_checksum": held.checksum, "reference_path": None})
+    actor = JudgeActor(str(policy), str(reference), version=3, **judge)
+    expected = actor.label(rows)
+    for got in (from_memory, from_folder):
+        assert len(got) == len(rows) and all(x["judge_version"] == 3 for x in got)
+        for g, e in zip(got, expected):  # batches differ (rows split by rank): equal up to float noise
+            assert g["reward_1"] == pytest.approx(e["reward_1"], abs=1e-5)
+            assert g["reward_2"] == pytest.approx(e["reward_2"], abs=1e-5)
+            near_tie = abs(e["reward_1"] - e["reward_2"]) < 1e-4  # exact ties depend on the batch's padding
+            assert near_tie or (g["is_tie"], g["first_is_chosen"]) == (e["is_tie"], e["first_is_chosen"])
+    assert from_memory[3]["reward_1"] == pytest.approx(from_memory[3]["reward_2"], abs=1e-5)  # identical responses
+    assert all(x["logp_ref_1"] is None for x in no_reference)
+    bare = JudgeActor(str(policy), None, version=3, **judge).label(rows[:4])
+    assert [x["reward_1"] for x in no_reference] == pytest.approx([x["reward_1"] for x in bare], abs=1e-5)

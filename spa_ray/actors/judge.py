@@ -2,8 +2,8 @@
 
 It holds pi_{t-1} (the policy, updated by each broadcast) and the judge reference
 (pi_init by default; None for the "none" option; ``set_reference`` for "previous").
-All numbers come from ``models.scoring.batched_policy_reference_logprobs``,
-``judging.implicit_reward`` and ``evaluation.win_rates.implicit_reward_accuracy``.
+All numbers come from ``judging.pair_labels`` (scoring, Eq. 7-8) and
+``evaluation.win_rates.implicit_reward_accuracy``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import torch
 
 from spa_ray.actors.base import WeightedActor, copy_and_verify, model_checksum
 from spa_ray.evaluation.win_rates import implicit_reward_accuracy
-from spa_ray.judging.implicit_reward import implicit_reward, label_pairs
+from spa_ray.judging.pair_labels import label_pair_rows, pair_rewards
 from spa_ray.models.loading import checkpoint_tensor_names, load_causal_lm, load_tokenizer
 from spa_ray.weights.errors import WeightsMismatchError
-from spa_ray.models.scoring import (
-    DEFAULT_MAX_TOKENS_PER_BATCH,
-    batched_policy_reference_logprobs,
-    batched_sequence_logprobs,
-)
+from spa_ray.models.scoring import DEFAULT_MAX_TOKENS_PER_BATCH
 
 __all__ = ["JudgeActor", "label_rows", "gold_accuracy"]
 
@@ -97,70 +93,17 @@ class JudgeActor(WeightedActor):
         if self._version is None:
             raise WeightsMismatchError(f"{self.actor_label}: weights are in an unknown state (a load failed); reload first")
 
-    def _rewards(self, prompt_ids: Sequence, first: Sequence, second: Sequence, policy_logps=None):
-        """Log-probs and rewards of (prompt, first[i]) and (prompt, second[i]) in one pass.
-
-        ``policy_logps`` (2n floats: firsts then seconds), when given, are the generator's
-        own log pi_{t-1}(y|x) and replace the policy forward (judge.reuse_generator_logprobs).
-        """
-        prompts = list(prompt_ids) + list(prompt_ids)
-        responses = list(first) + list(second)
-        if policy_logps is None:
-            pol, ref = batched_policy_reference_logprobs(
-                self.policy, self.reference, prompts, responses, self.pad_token_id,
-                max_tokens_per_batch=self.max_tokens_per_batch,
-            )
-        else:
-            pol = torch.tensor(list(policy_logps), dtype=torch.float32)
-            ref = None
-            if self.reference is not None:
-                ref = batched_sequence_logprobs(
-                    self.reference, prompts, responses, self.pad_token_id,
-                    max_tokens_per_batch=self.max_tokens_per_batch,
-                )
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
-        rewards = implicit_reward(pol, ref, self.beta, response_lengths=lengths, length_penalty=self.length_penalty)
-        return pol, ref, rewards
+    def _rewards(self, prompt_ids: Sequence, first: Sequence, second: Sequence):
+        return pair_rewards(self.policy, self.reference, prompt_ids, first, second, pad_token_id=self.pad_token_id,
+                            beta=self.beta, length_penalty=self.length_penalty,
+                            max_tokens_per_batch=self.max_tokens_per_batch)
 
     def label(self, rows: list[dict]) -> list[dict]:
-        """Eq. 7-8 labels for rows with prompt_ids, response_ids_1, response_ids_2
-        (and optionally policy_logp_1/2: the generator's log pi_{t-1}, skipping that forward).
-
-        Returns per row: logp_policy_1/2, logp_ref_1/2 (None without a reference),
-        reward_1/2, probability (= sigma(r1 - r2), in the given order), first_is_chosen,
-        is_tie, judge_version.
-        """
+        """Eq. 7-8 labels (``judging.pair_labels.label_pair_rows``: the fields it returns)."""
         self._check_ready()
-        n = len(rows)
-        if n == 0:
-            return []
-        given = None
-        if all(row.get("policy_logp_1") is not None and row.get("policy_logp_2") is not None for row in rows):
-            given = [row["policy_logp_1"] for row in rows] + [row["policy_logp_2"] for row in rows]
-        pol, ref, r = self._rewards(
-            [row["prompt_ids"] for row in rows],
-            [row["response_ids_1"] for row in rows],
-            [row["response_ids_2"] for row in rows],
-            policy_logps=given,
-        )
-        labels = label_pairs(r[:n], r[n:])
-        out = []
-        for i in range(n):
-            out.append(
-                {
-                    "logp_policy_1": float(pol[i]),
-                    "logp_policy_2": float(pol[n + i]),
-                    "logp_ref_1": float(ref[i]) if ref is not None else None,
-                    "logp_ref_2": float(ref[n + i]) if ref is not None else None,
-                    "reward_1": float(r[i]),
-                    "reward_2": float(r[n + i]),
-                    "probability": float(labels.probability[i]),
-                    "first_is_chosen": bool(labels.first_is_chosen[i]),
-                    "is_tie": bool(labels.is_tie[i]),
-                    "judge_version": self._version,
-                }
-            )
-        return out
+        return label_pair_rows(self.policy, self.reference, rows, pad_token_id=self.pad_token_id, beta=self.beta,
+                               length_penalty=self.length_penalty, max_tokens_per_batch=self.max_tokens_per_batch,
+                               version=self._version)
 
     def gold_rewards(self, rows: list[dict]) -> list[dict]:
         """Implicit rewards of gold pairs (prompt_ids, chosen_ids, rejected_ids)."""

@@ -78,6 +78,8 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
             totals[key] = totals.get(key, 0.0) + float(value)
     p = config.placement
     groups = (("generators", p.generators), ("judges", p.judges), ("trainer", p.trainer))
+    if config.judge.on_trainer:  # no judge pool: the trainer's ranks judge
+        groups = (groups[0], groups[2])
     keys = {"CPU": "num_cpus", "GPU": "num_gpus"}
     for name, group in groups:
         for resource, amount in _per_actor(group).items():
@@ -109,7 +111,7 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
                 raise ConfigError(f"{what} ask for {amount:g} {resource} ({parts}), but the cluster has "
                                   f"{totals.get(resource, 0.0):g}")
 
-    pools = [(name, g.count, _per_actor(g)) for name, g in groups[:2]]
+    pools = [(name, g.count, _per_actor(g)) for name, g in groups if name != "trainer"]
     refuse_excess(pools + [("trainer", p.trainer.count, _per_actor(p.trainer))],
                   "placement: generators, judges and trainer are alive together and")
     if nccl:
@@ -119,9 +121,12 @@ def check_placement(config: SPAConfig, nodes: list[dict] | None = None) -> None:
 
 
 class ActorSystem:
-    def __init__(self, config: SPAConfig, pi_init: str, weights_in_memory: dict | None = None):
+    def __init__(self, config: SPAConfig, pi_init: str, weights_in_memory: dict | None = None,
+                 label_on_trainer: Callable[[int, str, str | None, list[dict]], list[dict]] | None = None):
         self.config = config
         self.pi_init = pi_init
+        # judge.on_trainer: (version, policy path, reference path, rows) -> labels, by the trainer's ranks
+        self.label_on_trainer = label_on_trainer
         # checkpoint path -> WeightsHandle (the trainer's published copy): broadcast without a disk read
         self.weights_in_memory = weights_in_memory if weights_in_memory is not None else {}
         self.generators: ShardedActors | None = None
@@ -189,12 +194,18 @@ class ActorSystem:
         return generate_rows(self.generators, prompts, sampling)
 
     def label(self, t: int, policy_path: str, previous_path: str, rows: list[dict]) -> list[dict]:
-        """Eq. 7-8 labels by pi_{t-1} (version t) against the configured judge reference."""
+        """Eq. 7-8 labels by pi_{t-1} (version t) against the configured judge reference: by the
+        judge pool, or by the trainer's ranks (judge.on_trainer)."""
+        if self.label_on_trainer is not None:
+            return self.label_on_trainer(t, policy_path, self._judge_reference_path(previous_path), list(rows))
         return label_rows(self._judges_for(t, policy_path, previous_path), rows)
+
+    def _judge_reference_path(self, previous_path: str) -> str | None:
+        return {"init": self.pi_init, "previous": previous_path, "none": None}[self.config.judge.reference]
 
     def _judges_for(self, t: int, policy_path: str, previous_path: str) -> ShardedActors:
         """The judge pool on pi_{t-1} (version t) and the configured reference."""
-        reference = {"init": self.pi_init, "previous": previous_path, "none": None}[self.config.judge.reference]
+        reference = self._judge_reference_path(previous_path)
         if self.judges is None:
             self.judges = self._new_judges(t, policy_path, reference)
             self._judge_reference = reference

@@ -141,6 +141,12 @@ class JudgeConfig:
         help="Label each shard of pairs as soon as its samples exist, while generation goes on (implicit_reward "
         "only); the labels equal those of labelling after generation.",
     )
+    on_trainer: bool = field(
+        False,
+        help="Run the judge's forwards on the trainer group's workers (they hold pi_{t-1} between stages; pi_init is "
+        "read once per iteration) instead of judge actors: no judge pool, its GPUs go to generation. Implicit "
+        "reward only; labels are then made after generation (no judge.stream).",
+    )
     health_floor: float = field(
         0.0, help="Stop before an iteration if the judge's accuracy on held-out gold seed pairs is below this (0: the "
         "figure is recorded only; off-policy, it missed a collapse the label audit catches: audit.floor)."
@@ -183,6 +189,9 @@ class JudgeConfig:
             raise ConfigError(f"judge.keep_fraction: must be in (0, 1], got {self.keep_fraction}")
         if self.min_margin < 0:
             raise ConfigError(f"judge.min_margin: must be >= 0, got {self.min_margin}")
+        if self.on_trainer and self.kind != "implicit_reward":
+            raise ConfigError(f"judge.on_trainer needs judge.kind=implicit_reward (the trainer holds pi_{{t-1}}), "
+                              f"got judge.kind={self.kind}")
         if self.pair_rule != "first_two" and self.kind != "implicit_reward":
             raise ConfigError(f"judge.pair_rule={self.pair_rule} needs judge.kind=implicit_reward (a reward for each "
                               f"sample); judge.kind={self.kind} labels the first two samples")

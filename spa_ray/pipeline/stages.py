@@ -152,7 +152,8 @@ class Run:
         if self._actors is None:
             from spa_ray.pipeline.actor_system import ActorSystem
 
-            self._actors = ActorSystem(self.config, self.pi_init, self.weights_in_memory)
+            on_trainer = self._label_on_trainer if self.config.judge.on_trainer else None
+            self._actors = ActorSystem(self.config, self.pi_init, self.weights_in_memory, label_on_trainer=on_trainer)
         return self._actors
 
     @property
@@ -192,6 +193,19 @@ class Run:
         annotators); the next training stage starts it again, from the checkpoints on disk."""
         if self._trainer is not None:
             self._trainer.shutdown()
+
+    def _label_on_trainer(self, version: int, policy_path: str, reference_path: str | None,
+                          rows: list[dict]) -> list[dict]:
+        """judge.on_trainer: the trainer's ranks label the rows with pi_{t-1}, from their memory
+        when they still hold it (the checksum of the handle published for ``policy_path``)."""
+        j = self.config.judge
+        handle = self.weights_in_memory.get(str(policy_path))
+        return self.trainer.label(rows, dict(
+            policy_path=str(policy_path), policy_checksum=getattr(handle, "checksum", None),
+            reference_path=None if reference_path is None else str(reference_path), beta=j.beta,
+            length_penalty=j.length_penalty, max_tokens_per_batch=j.max_tokens_per_batch,
+            dtype=self.config.model.dtype, trust_remote_code=self.config.model.trust_remote_code, version=version,
+        ))
 
     def publish(self, path: str, version: int, weights: Any) -> None:
         """``weights`` (a WeightsHandle, or None) hold the checkpoint at ``path`` as ``version``;
@@ -385,7 +399,8 @@ def generate_responses(run: Run, t: int, prompts: list[str]) -> Path:
 
 def _streams(run: Run) -> bool:
     """Whether gen_t's pairs are labelled while it samples (judge.stream, implicit reward only)."""
-    return run.config.judge.stream and run.config.judge.kind == "implicit_reward"
+    j = run.config.judge
+    return j.stream and j.kind == "implicit_reward" and not j.on_trainer
 
 
 def _gen_seed(run: Run, t: int) -> int:

@@ -154,6 +154,23 @@ class TrainerGroup:
         state = self._wait(command_id, timeout_s)
         return state.get("outcome", {}).get("weights")
 
+    def label(self, rows: list[dict], payload: dict[str, Any]) -> list[dict]:
+        """Eq. 7-8 labels of ``rows`` by the group's ranks (``worker.label_on_rank``; payload:
+        policy_path, policy_checksum, reference_path, beta, length_penalty,
+        max_tokens_per_batch, dtype, version), one per row, in row order."""
+        import ray
+
+        self.start()
+        command_id = ray.get(self._mailbox.post.remote({**payload, "rows": ray.put(list(rows))}, kind="label"))
+        state = self._wait(command_id)
+        if state["status"] != "done":
+            raise StageFailedError(f"judging {len(rows)} pairs on the trainer group: "
+                                   f"{state.get('error') or 'the trainer group stopped: ' + repr(self._fit_error)}")
+        labels = state["outcome"]["labels"]
+        if len(labels) != len(rows) or any(x is None for x in labels):
+            raise StageFailedError(f"judging on the trainer group returned {len(labels)} labels for {len(rows)} rows")
+        return labels
+
     def _wait(self, command_id: int, timeout_s: float = float("inf")) -> dict:
         """The command's final state; its pending state once the group has stopped or after
         ``timeout_s``."""

@@ -146,6 +146,7 @@ class StageContext:
     world: int
     device: Any
     warm: WarmWeights = field(default_factory=WarmWeights)
+    judge_models: dict = field(default_factory=dict)  # "policy"/"reference" -> (key, model), between stages
 
 
 def trainer_group_loop(config: dict[str, Any]) -> None:
@@ -185,17 +186,18 @@ def trainer_group_loop(config: dict[str, Any]) -> None:
         after = command["id"]
         if not decision["proceed"]:  # failed: its budget is spent
             continue
-        if command["kind"] == "warm":
-            outcome = warm_up(command["payload"], ctx)  # never raises: a miss only means a folder read later
-        else:
-            spec = TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"})
-            try:
-                outcome = run_stage(spec, ctx)
-            except BaseException as exc:
-                fatal = isinstance(exc, NonFiniteLossError)
-                detail = str(exc) if fatal else "".join(traceback.format_exception(exc))[-4000:]
-                ray.get(mailbox.fail.remote(command["id"], rank, detail, fatal=fatal))
-                raise
+        try:
+            if command["kind"] == "warm":
+                outcome = warm_up(command["payload"], ctx)  # never raises: a miss only means a folder read later
+            elif command["kind"] == "label":
+                outcome = label_on_rank(command["payload"], ctx)
+            else:
+                outcome = run_stage(TrainStageSpec(**{**command["payload"], "command": f"{token}/{command['id']}"}), ctx)
+        except BaseException as exc:
+            fatal = isinstance(exc, NonFiniteLossError)
+            detail = str(exc) if fatal else "".join(traceback.format_exception(exc))[-4000:]
+            ray.get(mailbox.fail.remote(command["id"], rank, detail, fatal=fatal))
+            raise
         if rank == 0:
             ray.get(mailbox.complete.remote(command["id"], outcome))
             handle = outcome.get("weights")
@@ -249,6 +251,63 @@ def warm_up(payload: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     return outcome
 
 
+def label_on_rank(payload: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """The judge's forwards on the trainer's ranks (``judge.on_trainer``): every rank labels
+    its share of the rows (Eq. 7-8, ``judging.pair_labels``) with pi_{t-1} -- built from the
+    ranks' warm weights when the payload names their checksum, else read from its folder --
+    against the judge reference (read once, kept until the next stage); rank 0 gathers the
+    labels in row order. The models are dropped when the next stage starts."""
+    import ray
+
+    from spa_ray.judging.pair_labels import label_pair_rows
+    from spa_ray.models.loading import load_causal_lm, load_tokenizer
+
+    dtype, trust = payload["dtype"], bool(payload.get("trust_remote_code", False))
+
+    def cached(slot: str, key: Any, build):
+        held = ctx.judge_models.get(slot)
+        if held is None or held[0] != key:
+            ctx.judge_models.pop(slot, None)
+            gc.collect()
+            ctx.judge_models[slot] = (key, build())
+        return ctx.judge_models[slot][1]
+
+    checksum, path = payload.get("policy_checksum"), payload["policy_path"]
+
+    def build_policy():
+        model = ctx.warm.model(checksum, dtype, ctx.device)  # None unless the ranks hold these weights
+        return model if model is not None else load_causal_lm(path, dtype=dtype, device=ctx.device,
+                                                              trust_remote_code=trust)
+
+    policy = cached("policy", checksum or path, build_policy)
+    reference_path = payload.get("reference_path")
+    reference = None if reference_path is None else cached(
+        "reference", reference_path, lambda: load_causal_lm(reference_path, dtype=dtype, device=ctx.device,
+                                                            trust_remote_code=trust))
+    tokenizer = cached("tokenizer", path, lambda: ctx.warm.tokenizer if checksum and ctx.warm.checksum == checksum
+                       and ctx.warm.tokenizer is not None
+                       else load_tokenizer(path, trust_remote_code=trust, require_chat_template=False))
+    rows = ray.get(payload["rows"], timeout=600)
+    mine = list(range(ctx.rank, len(rows), ctx.world))
+    with torch.no_grad():
+        labels = label_pair_rows(policy, reference, [rows[i] for i in mine], pad_token_id=tokenizer.pad_token_id,
+                                 beta=payload["beta"], length_penalty=payload["length_penalty"],
+                                 max_tokens_per_batch=payload["max_tokens_per_batch"], version=payload.get("version"))
+    parts = [(mine, labels)]
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * ctx.world
+        dist.all_gather_object(parts, (mine, labels))
+    if ctx.rank != 0:
+        return {}
+    ordered: list[Any] = [None] * len(rows)
+    for indices, part in parts:
+        for i, label in zip(indices, part):
+            ordered[i] = label
+    return {"labels": ordered}
+
+
 def _build_deepspeed_ops() -> None:
     """Build (once per machine; later: load) the op ``deepspeed.initialize`` would build first:
     on CPU its shared-memory collective, ~30-60 s of g++ on a fresh machine."""
@@ -279,6 +338,8 @@ def run_stage(spec: TrainStageSpec, ctx: StageContext) -> dict[str, Any]:
     if nonfinite_marker.exists():  # a restart after a NaN/inf would only meet it again
         raise NonFiniteLossError(nonfinite_marker.read_text(encoding="utf-8"))
 
+    ctx.judge_models.clear()  # judge.on_trainer's models: the stage needs the memory
+    gc.collect()
     warm = ctx.warm
     policy = warm.model(spec.policy_checksum, spec.dtype, device)
     from_memory = policy is not None
