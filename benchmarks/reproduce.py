@@ -648,6 +648,15 @@ def claims_table(verdicts: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- plots
+def _save(fig, path: Path, made: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    made.append(path)
+
+
 def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
     import matplotlib
 
@@ -680,10 +689,7 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
-        made.append(out / fname)
+        _save(fig, out / fname, made)
 
     # headline: label quality per iteration, before and after refinement
     lq = [r for r in rows if int(r["iteration"]) >= 1 and r.get("agreement") is not None]
@@ -724,10 +730,7 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.set_title("self-refinement: do the flags find the wrong labels?")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "label_quality.png", dpi=100)
-    plt.close(fig)
-    made.append(out / "label_quality.png")
+    _save(fig, out / "label_quality.png", made)
 
     curves = [r for r in rows if int(r["iteration"]) >= 1 and r.get("agreement_judged") is not None]
     if curves:  # how sure the judge is against how right: agreement of the top f of pairs by margin
@@ -749,10 +752,7 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
         ax.set_ylabel("kept pairs agreeing with gold")
         ax.set_title("the confidence filter: agreement against kept fraction")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "agreement_vs_kept.png", dpi=100)
-        plt.close(fig)
-        made.append(out / "agreement_vs_kept.png")
+        _save(fig, out / "agreement_vs_kept.png", made)
 
     points = iteration_gains(rows)
     if points:  # why an iteration helps or not: its gain against the quality of its labels
@@ -772,10 +772,7 @@ def plots(rows: list[dict], grid: Grid, out: Path) -> list[Path]:
         ax.set_ylabel("win rate of pi_t minus pi_(t-1)")
         ax.set_title("does an iteration help? its gain against its label quality")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        fig.savefig(out / "gain_vs_agreement.png", dpi=100)
-        plt.close(fig)
-        made.append(out / "gain_vs_agreement.png")
+        _save(fig, out / "gain_vs_agreement.png", made)
     return made
 
 
