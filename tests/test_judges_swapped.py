@@ -230,5 +230,5 @@ def test_llm_as_judge_labels_an_iteration_of_the_real_driver(ray_local, embedded
     r1, r2 = judge.rewards(pairs["prompt"], pairs["chosen"], pairs["rejected"])
     assert pairs["reward_chosen"] == pytest.approx(r1.tolist(), abs=1e-5)
     assert pairs["reward_rejected"] == pytest.approx(r2.tolist(), abs=1e-5)
-    assert len(pairs["prompt"]) + ledger["judge_1"]["ties"] == 32
+    assert len(pairs["prompt"]) + ledger["judge_1"]["ties"] + ledger["judge_1"]["audit_pairs"] == 32
     assert "train_1" in ledger and "eval_pi_1" in ledger

@@ -21,7 +21,7 @@ from spa_ray.pipeline.run_dir import RunDirectory
 def test_audit_stops_the_lr_1e4_collapse_at_iteration_1(tmp_path, capsys):
     config = load_config(None, [
         f"run.root={tmp_path}", "run.name=collapse", "run.iterations=2", "training.learning_rate=1e-4",
-        "data.task_kwargs={n_iterations: [400, 400]}", "evaluation.num_prompts=50",
+        "evaluation.num_prompts=50",  # iteration 1 at its default size: 1000 prompts, 200 audited
     ])
     assert config.audit.pairs > 0 and config.audit.auditor == "gold"  # the default stop rule
     assert run_spa(config) == 3

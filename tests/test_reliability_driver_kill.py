@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRIALS = int(os.environ.get("SPA_KILL_TRIALS", "3"))
 KILL_SEED = int(os.environ.get("SPA_KILL_SEED", "6"))
 STAGE_ORDER = ["prepare", "eval_baseline", "eval_init", "train_0", "eval_pi_0",
-               "health_1", "gen_1", "judge_1", "train_1", "eval_pi_1"]
+               "health_1", "gen_1", "judge_1", "audit_1", "train_1", "eval_pi_1"]
 # A Ray head that cannot start on an overloaded machine is not what this test is about:
 # such a start is retried (and counted), any other failure fails the test.
 RAY_STARTUP_FAILURE = "timed out during startup"
