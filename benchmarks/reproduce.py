@@ -61,7 +61,7 @@ CSV_COLUMNS = [
     "flag_lift", "flagged_pairs", "decided_pairs", "alpha", "judge_kind", "self_refine", "decoupled_noise_detection",
     "judge_reference", "seed_fraction", "length_penalty", "variant", "run_seconds", "run_dir",
     # issue #21: which pairs were trained on, and how sure the judge was of them
-    "pair_rule", "responses_per_prompt", "keep_fraction", "seed_replay", "judged_pairs", "replayed_pairs",
+    "pair_rule", "responses_per_prompt", "keep_fraction", "keep_by", "seed_replay", "judged_pairs", "replayed_pairs",
     "agreement_judged", *[f"agreement_top{round(100 * f)}" for f in (0.5, 0.25, 0.1)],
 ]
 
@@ -370,6 +370,7 @@ def collect_run(grid: Grid, cell: Cell, seed: int) -> list[dict]:
         "length_penalty": jd["length_penalty"], "variant": (config.get("variant") or {}).get("name", "spa"),
         "run_seconds": status.get("seconds"), "run_dir": str(run),
         "pair_rule": jd.get("pair_rule", "first_two"), "keep_fraction": jd.get("keep_fraction", 1.0),
+        "keep_by": jd.get("keep_by", "margin"),
         "responses_per_prompt": config["generation"]["responses_per_prompt"],
         "seed_replay": tr.get("seed_replay", 0.0),
     }

@@ -53,6 +53,14 @@ def test_confident_mask_keeps_the_largest_margins():
     assert confident_mask(margins, min_margin=0.5) == [False, True, True, True, False, True]
     assert confident_mask(margins, keep_fraction=0.5, min_margin=1.0) == [False, False, False, False, False, True]
     assert sum(confident_mask([1.0] * 10, keep_fraction=0.25)) == round(2.5)
+    # the random control: as many pairs, not the largest margins; the same per seed
+    wide = [float(i) for i in range(100)]
+    random_kept = confident_mask(wide, keep_fraction=0.25, keep_by="random", seed=3)
+    assert sum(random_kept) == 25 and random_kept == confident_mask(wide, 0.25, keep_by="random", seed=3)
+    assert random_kept != confident_mask(wide, 0.25) and random_kept != confident_mask(wide, 0.25, keep_by="random", seed=4)
+    assert sum(confident_mask(wide, 0.25, min_margin=50.0, keep_by="random", seed=3)) < 25  # min_margin still applies
+    with pytest.raises(ValueError, match="keep_by"):
+        confident_mask(wide, keep_by="largest")
     with pytest.raises(ValueError, match="keep_fraction"):
         confident_mask(margins, keep_fraction=0.0)
     with pytest.raises(ValueError, match="margins"):

@@ -68,7 +68,7 @@ def test_small_run_end_to_end(tmp_path, tiny_model):
     pairs = pq.read_table(run / "data/iter_1/pairs/pairs.parquet").to_pydict()
     # every prompt: a trained pair, a tie, or a pair held out for the label audit (a quarter at most)
     assert len(pairs["chosen_ids"]) + ledger["judge_1"]["ties"] + ledger["judge_1"]["audit_pairs"] == 40
-    assert 0 < ledger["judge_1"]["audit_pairs"] <= ledger["judge_1"]["kept"] // 4
+    assert 0 < ledger["judge_1"]["audit_pairs"] <= ledger["judge_1"]["judged_pairs"] // 4
     assert all(c >= 0.5 for c in pairs["probability"]) and set(pairs["source"]) == {"self"}
     judged = pq.read_table(run / "data/iter_1/pairs/judged.parquet").to_pydict()
     assert len(judged["kept"]) == 40 - ledger["judge_1"]["ties"] and all(judged["kept"])
@@ -77,6 +77,8 @@ def test_small_run_end_to_end(tmp_path, tiny_model):
     trained = {key(pairs, i) for i in range(len(pairs["prompt_ids"]))}
     assert audited and not audited & trained, "audited pairs are never trained on"
     assert ledger["audit_1"]["audited"] == ledger["judge_1"]["audit_pairs"]
+    # no filter here: the audited pairs the filter kept are all of them
+    assert ledger["audit_1"]["kept_audited"] == ledger["audit_1"]["audited"]
     for t in (0, 1, 2):
         assert (run / f"checkpoints/pi_{t}/model.safetensors").exists()
     assert (run / "checkpoints/pi_1/noise_flags.parquet").exists()

@@ -74,7 +74,8 @@ def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path, rule
             kept_margins = [m for m, k in zip(judged["margin"], judged["kept"]) if k]
             assert min(kept_margins) >= max([m for m, k in zip(judged["margin"], judged["kept"]) if not k], default=0)
             sources = tables[stream]["source"]
-            assert sources.count("self") == info["kept"] - info["audit_pairs"]
+            trained = sum(k and not a for k, a in zip(judged["kept"], judged["audit"]))
+            assert sources.count("self") == trained and info["audit_pairs"] == sum(judged["audit"])
             assert sources.count("seed") == info["replayed"] == (round(sources.count("self") / 3) if extra else 0)
     assert tables[True] == tables[False]
     assert samples[True] == samples[False] and health[True] == health[False]

@@ -208,7 +208,7 @@ def test_cells_that_differ_only_in_iteration_settings_share_the_seed_stage_cells
     grid = reproduce.load_grid(REPO / "benchmarks/grids/reproduce.yaml")
     donors = reproduce.seed_stage_donors(grid, seed=0)
     shared = {"rm_judge", "llm_judge", "spa_de", "spa_de_sr", "spa", "ref_previous", "ref_none", "spa_length",
-              "sel_maxmin4", "sel_keep50", "sel_keep25", "sel_replay25", "sel_best"}  # issue #21: iteration settings
+              "sel_maxmin4", "sel_keep50", "sel_keep25", "sel_random25", "sel_replay25", "sel_best"}  # issue #21: iteration settings
     assert {name for name, donor in donors.items() if donor == "dpo_seed"} == shared
     # other data (100% of the gold pairs, other seed sizes) make their own pi_0
     # and so do the variants, which change the seed stage's loss too (variant.stages=all)

@@ -8,9 +8,10 @@ far more often. So, by configuration:
 - **pair rule**: ``first_two`` (the paper) or ``max_min``: the sample with the highest
   implicit reward against the one with the lowest, of n samples (as DICE does);
 - **confidence filter**: keep an iteration's pairs whose margin is at least
-  ``min_margin`` and among the top ``keep_fraction`` by margin;
+  ``min_margin`` and among the top ``keep_fraction`` by margin (or, as a control that
+  trains on as many pairs without the judge's confidence, a random ``keep_fraction``);
 - **seed replay**: gold seed pairs mixed into each iteration's table, a ``share`` of it;
-- **audit sample**: ``m`` random kept pairs held out of training for an external label.
+- **audit sample**: ``m`` random judged pairs held out of training for an external label.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import math
 import random
 from collections.abc import Sequence
 
-__all__ = ["PAIR_RULES", "scored_sample_pairs", "pick_pair", "confident_mask", "replay_indices", "audit_indices",
+__all__ = ["PAIR_RULES", "KEEP_BY", "scored_sample_pairs", "pick_pair", "confident_mask", "replay_indices", "audit_indices",
            "wilson_interval"]
 
 PAIR_RULES = ("first_two", "max_min")
+KEEP_BY = ("margin", "random")
 
 
 def scored_sample_pairs(n: int, rule: str) -> list[tuple[int, int]]:
@@ -58,18 +60,28 @@ def pick_pair(rewards: Sequence[float], rule: str) -> tuple[int, int] | None:
     return (a, b) if rewards[a] > rewards[b] else (b, a)
 
 
-def confident_mask(margins: Sequence[float], keep_fraction: float = 1.0, min_margin: float = 0.0) -> list[bool]:
+def confident_mask(margins: Sequence[float], keep_fraction: float = 1.0, min_margin: float = 0.0,
+                   keep_by: str = "margin", seed: int = 0) -> list[bool]:
     """Which pairs to keep: margin >= ``min_margin``, and among the ``round(keep_fraction * N)``
     largest margins of all N pairs (equal margins: the earlier pair first, so the mask is
-    the same on every run). ``keep_fraction=1, min_margin=0`` keeps everything (the paper)."""
+    the same on every run). ``keep_fraction=1, min_margin=0`` keeps everything (the paper).
+
+    ``keep_by="random"``: the same number of pairs drawn at random (deterministic in
+    ``seed``, independent of the audit's draw from the same seed) instead of the largest margins -- the control that tells the filter's label
+    quality apart from its training on fewer pairs."""
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
+    if keep_by not in KEEP_BY:
+        raise ValueError(f"keep_by must be one of {KEEP_BY}, got {keep_by!r}")
     if any(not (m >= 0) for m in margins):
         raise ValueError("margins must be >= 0 and not NaN (|r_w - r_l|)")
-    order = sorted(range(len(margins)), key=lambda i: (-margins[i], i))
-    top = set(order[:round(keep_fraction * len(margins))])
+    count = round(keep_fraction * len(margins))
+    if keep_by == "margin":
+        top = set(sorted(range(len(margins)), key=lambda i: (-margins[i], i))[:count])
+    else:
+        top = set(random.Random(f"keep_by=random:{seed}").sample(range(len(margins)), count))
     return [i in top and margins[i] >= min_margin for i in range(len(margins))]
 
 

@@ -161,6 +161,10 @@ class JudgeConfig:
         "the paper). Every judged pair, its margin and whether it was kept: data/iter_t/pairs/judged.parquet.",
     )
     min_margin: float = field(0.0, help="Confidence filter: drop pairs whose |reward margin| is below this (0: none).")
+    keep_by: Literal["margin", "random"] = field(
+        "margin", help="Confidence filter: margin keeps the largest |reward margin|s; random keeps as many pairs at "
+        "random, a control that trains on as few pairs without the judge's confidence.",
+    )
     model_pairs: int = field(
         4000,
         help="judge.kind=reward_model: gold pairs of the task's demonstrations (prompts outside the seed, iteration "
@@ -273,9 +277,10 @@ class TrainingConfig:
 @dataclass
 class AuditConfig:
     pairs: int = field(
-        200, help="Self-labelled pairs per iteration sent to the auditor and kept out of training (0: no audit); at "
-        "most a quarter of the pairs the filter kept, so that a small run still trains. On the embedded task ~40% "
-        "are gold ties, so 200 give ~120 decided pairs: a 95% interval of about +-0.09."
+        200, help="Self-labelled pairs per iteration, drawn from all judged pairs, sent to the auditor and kept out "
+        "of training (0: no audit); at most a quarter of the judged pairs, so that a small run still trains. On the "
+        "embedded task ~40% are gold ties, so 200 give ~120 decided pairs: a 95% interval of about +-0.09. The stop "
+        "rule reads them all (the judge's labels); those the filter kept are reported beside (kept_agreement)."
     )
     auditor: str = field(
         "gold",

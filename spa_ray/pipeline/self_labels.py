@@ -108,13 +108,17 @@ def _rows_by_prompt(gen: dict[str, list], order: list[tuple[int, int]]) -> list[
     return groups
 
 
-def mark_pairs(margins: list[float], keep_fraction: float, min_margin: float, audit_pairs: int, seed: int
-               ) -> tuple[list[bool], list[bool]]:
-    """(kept, audited) per judged pair: the confidence filter, then ``audit_pairs`` of the kept
-    pairs (at most a quarter of them) drawn for the label audit (they are not trained on)."""
-    kept = confident_mask(margins, keep_fraction=keep_fraction, min_margin=min_margin)
-    candidates = [i for i, k in enumerate(kept) if k]
-    drawn = set(audit_indices(candidates, min(audit_pairs, len(candidates) // 4), seed))
+def mark_pairs(margins: list[float], keep_fraction: float, min_margin: float, audit_pairs: int, seed: int,
+               keep_by: str = "margin") -> tuple[list[bool], list[bool]]:
+    """(kept, audited) per judged pair: the confidence filter, and ``audit_pairs`` random
+    judged pairs (at most a quarter of them) for the label audit; D_t is kept and not audited.
+
+    The audit draws from every judged pair, not only the kept ones: it then measures the
+    judge with as many pairs whatever the filter keeps (a filter keeping 25% would leave a
+    kept-only audit a few dozen decided pairs), and audited pairs the filter dropped cost
+    no training pairs. The kept ones among them give the trained pairs' own figure."""
+    kept = confident_mask(margins, keep_fraction=keep_fraction, min_margin=min_margin, keep_by=keep_by, seed=seed)
+    drawn = set(audit_indices(range(len(margins)), min(audit_pairs, len(margins) // 4), seed))
     return kept, [i in drawn for i in range(len(margins))]
 
 

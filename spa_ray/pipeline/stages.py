@@ -479,8 +479,8 @@ def judge_pairs(run: Run, t: int, generations: Path) -> Path:
     """D_t: for each prompt, the pair judge.pair_rule takes of its samples, ordered by the
     judge -- by default the implicit reward r = beta*log(pi_{t-1}/pi_ref) (Eq. 7-8), else
     judge.kind's trained model; ties dropped. Then the confidence filter (judge.keep_fraction,
-    judge.min_margin) keeps the surest pairs, audit.pairs of those are held out for the label
-    audit, and training.seed_replay mixes gold seed pairs in.
+    judge.min_margin) keeps the surest pairs, audit.pairs random judged pairs are held out for
+    the label audit, and training.seed_replay mixes gold seed pairs in.
 
     pairs.parquet: what train_t reads (column source: self or seed). judged.parquet: every
     judged pair with its margin, kept and audit marks (and gold scores, for the record)."""
@@ -503,7 +503,7 @@ def judge_pairs(run: Run, t: int, generations: Path) -> Path:
     if gold is not None:
         judged["gold_chosen"], judged["gold_rejected"] = gold
     seed = _gen_seed(run, t)
-    kept, audited = mark_pairs(judged["margin"], j.keep_fraction, j.min_margin, run.config.audit.pairs, seed)
+    kept, audited = mark_pairs(judged["margin"], j.keep_fraction, j.min_margin, run.config.audit.pairs, seed, j.keep_by)
     replay = run.config.training.seed_replay
     table = training_table(judged, kept, audited, read_parquet(_seed_pairs_path(run)) if replay else {}, replay, seed)
     stats.update(pairs=table["source"].count("self"), judged_pairs=len(kept), kept=sum(kept),
@@ -542,17 +542,21 @@ def audit_labels(run: Run, t: int, pairs: Path) -> dict[str, Any]:
                               f"{len(rows)} pairs")
     summary = audit_summary(verdicts, cfg.floor)  # refuses anything but True / False / None
     verdicts = [None if v is None else bool(v) for v in verdicts]
+    # the audited pairs the filter kept: the trained pairs' own figure (few, with a filter)
+    kept = audit_summary([v for v, i in zip(verdicts, rows) if judged["kept"][i]], cfg.floor)
+    summary.update({f"kept_{k}": kept[k] for k in ("audited", "decided", "agreement", "ci_low", "ci_high")})
     health = run.dir.stage_info(f"health_{t}").get("accuracy") if run.dir.is_done(f"health_{t}") else None
     run.telemetry.stage(stage, iteration=t, judge_health=health, **summary)
     print(f"spa-ray: label audit {t}: self-labels agree with audit.auditor={cfg.auditor} on "
           f"{summary['agreement']:.3f} (95% CI {summary['ci_low']:.3f}-{summary['ci_high']:.3f}) of "
-          f"{summary['decided']} decided pairs; judge health (off-policy) {health}", flush=True)
+          f"{summary['decided']} decided pairs ({summary['kept_agreement']:.3f} of the {summary['kept_decided']} the "
+          f"filter kept); judge health (off-policy) {health}", flush=True)
     if not summary["passed"]:
         raise LabelAuditError(
             f"iteration {t}: the self-labels agree with the auditor ({cfg.auditor}) on only {summary['agreement']:.3f} "
             f"of {summary['decided']} audited pairs (95% CI {summary['ci_low']:.3f}-{summary['ci_high']:.3f}), wholly "
             f"below audit.floor={cfg.floor}; stopping before pi_{t} is trained on them. pi_{t - 1} and everything before "
-            "it are kept. Lower training.learning_rate or judge.keep_fraction, or lower the floor "
+            "it are kept. Lower training.learning_rate, or lower the floor "
             "knowingly (audit.floor may change on resume)."
         )
     with run.dir.stage_dir(stage, "data", f"iter_{t}", "audit", **summary) as out:
