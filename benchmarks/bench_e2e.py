@@ -47,7 +47,9 @@ STAGES = ("health", "generate", "judge", "train", "evaluate")
 
 def base_overrides(args, root: Path, name: str, iterations: int) -> list[str]:
     o = [f"run.root={root}", f"run.name={name}", f"run.iterations={iterations}",
-         "training.seed_epochs=1", "judge.health_floor=0.0", "audit.pairs=0"]
+         "training.seed_epochs=1", "judge.health_floor=0.0", "audit.pairs=0",
+         # the loop below is the paper's (every pair trained on), at the lr of the earlier tables
+         "judge.keep_fraction=1", "training.learning_rate=3e-6"]
     if args.model:
         o.append(f"model.name_or_path={args.model}")
     if args.prompts is not None:
@@ -353,7 +355,8 @@ def main(argv=None) -> int:
 
     info = bc.header("e2e", threads, args.device, {
         "x_t_prompts": args.prompts or 1000, "rounds": args.reps, "iterations": args.iterations,
-        "base": "embedded default; seed DPO 1 epoch; judge.health_floor 0; no label audit (the loop has none)",
+        "base": "embedded default at the paper's setting (judge.keep_fraction 1, lr 3e-6); seed DPO 1 epoch; "
+                "judge.health_floor 0; no label audit (the loop has none)",
         "cores": os.cpu_count(), "loadavg_end": bc.loadavg(),
     })
     seq_sides = [n for n in names if n.startswith("sequential")]

@@ -214,7 +214,7 @@ def test_llm_as_judge_labels_an_iteration_of_the_real_driver(ray_local, embedded
         f"run.root={tmp_path}", "run.name=llm", "run.iterations=1", f"model.name_or_path={embedded_tiny}",
         "model.max_prompt_len=48", "model.max_total_len=96", "data.task_kwargs={seed_fraction: 0.006, n_iterations: [32], n_evaluation: 8}",
         "data.judge_holdout_fraction=0.05", "judge.health_floor=0.0", "audit.floor=0.0", "judge.kind=llm_as_judge",
-        "judge.model_epochs=1", "judge.model_learning_rate=3e-3", "training.self_refine=false",
+        "judge.model_epochs=1", "judge.model_learning_rate=3e-3", "training.self_refine=false", "judge.keep_fraction=1",
         "generation.max_new_tokens=24", "training.global_batch_size=8", "training.micro_batch_size=4",
         "training.seed_epochs=1", "training.learning_rate=1e-3", "evaluation.num_prompts=8",
         "evaluation.samples_per_prompt=1",

@@ -38,6 +38,9 @@ def small_overrides(root, model, name="small"):
         "data.task_kwargs={n_iterations: [40, 40], n_evaluation: 12}",
         "data.judge_holdout_fraction=0.05",
         "judge.health_floor=0.0", "audit.floor=0.0",
+        # the paper's loop (every pair trained on): of 40 prompts the default 25% filter
+        # would leave fewer pairs than one batch
+        "judge.keep_fraction=1",
         "generation.max_new_tokens=24",
         "generation.batch_size=32",
         "training.global_batch_size=8",

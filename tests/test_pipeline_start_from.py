@@ -31,7 +31,7 @@ def test_only_iteration_settings_may_differ():
     ]))
     assert seed_stage_differences(base, iteration_only) == []
     seed_stage = config_to_dict(load_config(None, [
-        "training.seed_epochs=1", "training.learning_rate=1e-5", "run.seed=3", "evaluation.num_prompts=50",
+        "training.seed_epochs=1", "training.learning_rate=3e-5", "run.seed=3", "evaluation.num_prompts=50",
         "generation.temperature=1.0", "placement.trainer.num_cpus=2",
     ]))
     assert seed_stage_differences(base, seed_stage) == [

@@ -70,7 +70,10 @@ def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path, rule
             tables[stream] = pq.read_table(pairs).to_pydict()
             judged = pq.read_table(pairs.with_name("judged.parquet")).to_pydict()
             info = run.dir.stage_info("judge_1")
-            assert sum(judged["kept"]) == info["kept"] == round((0.5 if extra else 1.0) * len(judged["kept"]))
+            # first_two: the default filter (the top 25%); max_min: SELECT's 50%
+            fraction = run.config.judge.keep_fraction
+            assert fraction == (0.5 if extra else 0.25)
+            assert sum(judged["kept"]) == info["kept"] == round(fraction * len(judged["kept"]))
             kept_margins = [m for m, k in zip(judged["margin"], judged["kept"]) if k]
             assert min(kept_margins) >= max([m for m, k in zip(judged["margin"], judged["kept"]) if not k], default=0)
             sources = tables[stream]["source"]

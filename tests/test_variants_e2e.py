@@ -38,6 +38,7 @@ def overrides(root, model, name, *variant):
         "data.task_kwargs={n_iterations: [24], n_evaluation: 8, seed_fraction: 0.004}",
         "data.judge_holdout_fraction=0.05",
         "judge.health_floor=0.0", "audit.floor=0.0",
+        "judge.keep_fraction=1",  # the variants' papers train on every pair; 24 prompts
         "generation.max_new_tokens=16",
         "generation.batch_size=32",
         "training.global_batch_size=8",
