@@ -82,3 +82,33 @@ def test_streamed_labels_equal_labels_after_generation(ray_local, tmp_path, rule
             assert sources.count("seed") == info["replayed"] == (round(sources.count("self") / 3) if extra else 0)
     assert tables[True] == tables[False]
     assert samples[True] == samples[False] and health[True] == health[False]
+
+
+def test_the_health_check_does_not_wait_for_the_generators_it_started(ray_local, tmp_path):
+    """health_t labels while gen_t samples: the judge call must not ask the busy generators
+    anything (a version check queues behind their shard, which made health_t as long as
+    generation at full size). Here: a label call returns while no generation shard is done."""
+    import ray
+
+    from spa_ray.pipeline.stages import _gen_seed, _policy_path, _sampling
+
+    pi_init = save_tiny_model_dir(tmp_path / "pi_init", seed=0)
+    pi_0 = save_tiny_model_dir(tmp_path / "pi_0", seed=1)
+    config = load_config(None, [
+        f"run.root={tmp_path}", "run.name=busy", f"model.name_or_path={pi_init}", "run.iterations=1",
+        "data.task_kwargs={n_iterations: [64], n_evaluation: 4}", "generation.max_new_tokens=48",
+        "placement.generators.count=2", "placement.generators.num_cpus=0.5",
+        "placement.judges.count=1", "placement.judges.num_cpus=0.5", "placement.trainer.num_cpus=0.5",
+    ])
+    with Run.open(config) as run:
+        data = prepare_data(run)
+        _adopt_pi_0(run, pi_0)
+        rows = [{"prompt_ids": [5, 6], "response_ids_1": [7, 8], "response_ids_2": [9], "prompt": "p",
+                 "response_1": "a", "response_2": "b"}] * 4
+        first = _judge(run, 1, rows)  # the judge pool exists and holds pi_0 before generation starts
+        prompts = data.iteration_prompts[0]
+        started = run.actors.start_generation(1, _policy_path(run, 0), prompts, _sampling(run, _gen_seed(run, 1)))
+        assert _judge(run, 1, rows) == first
+        done, _ = ray.wait(list(started.pending), num_returns=len(started.pending), timeout=0)
+        assert not done, "the judge call waited for a generation shard"
+        ray.get(list(started.pending))

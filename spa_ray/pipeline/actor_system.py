@@ -166,8 +166,12 @@ class ActorSystem:
         )
         return ShardedActors(JudgeActor, group, kwargs, name="judges")
 
-    def _sync(self, version: int, path: str) -> None:
-        """Broadcast `path` as `version` to every existing pool that holds another version."""
+    def _sync(self, version: int, path: str, using: ShardedActors) -> None:
+        """Broadcast `path` as `version` to every existing pool that holds another version, then
+        check that the pool the caller is about to use (``using``) holds it. Only that one:
+        asking a pool that is busy sampling (gen_t, sent during health_t) for its version
+        would wait for its current shard, which is what made the health check as long as
+        generation."""
         stale = [p for p in (self.generators, self.judges) if p is not None and p.state["version"] != version]
         if stale:
             sync = self.config.weight_sync
@@ -181,16 +185,14 @@ class ActorSystem:
                 f"{'memory' if report['from_memory'] else 'the checkpoint'}, {report['fallbacks']} fallbacks)",
                 flush=True,
             )
-        for pool in (self.generators, self.judges):
-            if pool is not None and pool.state["version"] == version:
-                pool.require_version(version)
+        using.require_version(version)
 
     # -- what stages ask for -----------------------------------------------------------------
     def generate(self, version: int, path: str, prompts: list[str], sampling: dict) -> list[dict]:
         """Samples of the policy `version` (checkpoint `path`), rows in prompt order."""
         if self.generators is None:
             self.generators = self._new_generators(version, path)
-        self._sync(version, path)
+        self._sync(version, path, using=self.generators)
         return generate_rows(self.generators, prompts, sampling)
 
     def label(self, t: int, policy_path: str, previous_path: str, rows: list[dict]) -> list[dict]:
@@ -209,7 +211,7 @@ class ActorSystem:
         if self.judges is None:
             self.judges = self._new_judges(t, policy_path, reference)
             self._judge_reference = reference
-        self._sync(t, policy_path)
+        self._sync(t, policy_path, using=self.judges)
         if reference != self._judge_reference:
             self.judges.set_reference(reference)
             self._judge_reference = reference
@@ -221,7 +223,7 @@ class ActorSystem:
         work (the health check) while the generators sample."""
         if self.generators is None:
             self.generators = self._new_generators(version, path)
-        self._sync(version, path)
+        self._sync(version, path, using=self.generators)
         prompts = list(prompts)
         generating = ShardedCall(self.generators, "generate", len(prompts), index_arg="first_index",
                                  sampling=dict(sampling))
