@@ -67,8 +67,9 @@ def confident_mask(margins: Sequence[float], keep_fraction: float = 1.0, min_mar
     the same on every run). ``keep_fraction=1, min_margin=0`` keeps everything (the paper).
 
     ``keep_by="random"``: the same number of pairs drawn at random (deterministic in
-    ``seed``, independent of the audit's draw from the same seed) instead of the largest margins -- the control that tells the filter's label
-    quality apart from its training on fewer pairs."""
+    ``seed``, independent of the audit's draw from the same seed) instead of the largest
+    margins -- the control that tells the filter's label quality apart from its training
+    on fewer pairs."""
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if min_margin < 0:
