@@ -136,7 +136,8 @@ def test_killed_generator_and_judge_mid_stage_give_the_uninterrupted_outputs(ray
         )
         labelled = pq.read_table(pairs).to_pydict()
         info = run.dir.stage_info("judge_1")
-        assert len(labelled["prompt"]) + info["ties"] == len(PROMPTS)
+        assert info["judged_pairs"] + info["ties"] == len(PROMPTS)  # every prompt judged once (then filtered)
+        assert len(labelled["prompt"]) == info["pairs"] == info["kept"]
         assert len(set(labelled["prompt"])) == len(labelled["prompt"])
         assert labelled == clean_pairs
     print(f"spa-ray reliability: generator kill {gen_kill}, judge kill {judge_kill}, "
